@@ -1,0 +1,66 @@
+"""Address validation and normalisation (pure: no DNS look-ups, no database)."""
+
+from __future__ import annotations
+
+import re
+from email.headerregistry import Address
+from email.utils import parseaddr
+
+from email_validator import EmailNotValidError, validate_email
+
+from newsletter.errors import InvalidInput
+
+_FORBIDDEN = re.compile(r"[\r\n\x00]|=\?")
+
+
+class InvalidAddress(InvalidInput):
+    """An address or display name that cannot be used; the message is one line for the user."""
+
+
+def check_text(value: str, field: str, *, max_length: int = 200) -> str:
+    """Refuse CR, LF, NUL and RFC 2047 encoded-word openers in text that reaches a header."""
+    if _FORBIDDEN.search(value):
+        raise InvalidAddress(f"{field} contains a line break, NUL or '=?', which is not allowed")
+    if len(value) > max_length:
+        raise InvalidAddress(f"{field} is longer than {max_length} characters")
+    return value
+
+
+def normalize_email(raw: str) -> str:
+    """Return the canonical stored form: local part as given, domain lower-case IDNA (ASCII).
+
+    Two addresses that differ only in the case of their domain are the same subscriber.
+    Non-ASCII local parts (SMTPUTF8) are refused: most relays cannot carry them.
+    """
+    value = raw.strip()
+    if not value:
+        raise InvalidAddress("email is empty")
+    check_text(value, "email", max_length=320)
+    try:
+        result = validate_email(value, check_deliverability=False, allow_smtputf8=False)
+    except EmailNotValidError as exc:
+        raise InvalidAddress(f"invalid email address {value!r}: {exc}") from None
+    local, _, _domain = result.ascii_email.rpartition("@") if result.ascii_email else ("", "", "")
+    if not local:
+        raise InvalidAddress(f"invalid email address {value!r}")
+    return f"{local}@{result.ascii_domain.lower()}"
+
+
+def parse_from_address(raw: str) -> tuple[str, str]:
+    """Parse 'Desk <desk@example.org>' into (display name, normalised address)."""
+    check_text(raw, "from address", max_length=320)
+    name, addr = parseaddr(raw)
+    if not addr:
+        raise InvalidAddress(f"invalid from address {raw!r}: expected 'Name <user@domain>'")
+    email = normalize_email(addr)
+    return name.strip(), email
+
+
+def format_address(name: str | None, email: str) -> str:
+    """A header-ready address (display name quoted or RFC 2047-encoded by the stdlib)."""
+    local, _, domain = email.rpartition("@")
+    return str(Address(display_name=name or "", username=local, domain=domain))
+
+
+def domain_of(email: str) -> str:
+    return email.rpartition("@")[2]

@@ -1,0 +1,157 @@
+"""Typed settings, read once from the environment (prefix NEWSLETTER_) and passed down.
+
+Only the wiring modules (CLI, web app, worker app) call :func:`get_settings`; everything
+below them receives the values it needs through its constructor or arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 - the documented dev default
+REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; raised at start, before anything is sent."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEWSLETTER_", extra="ignore")
+
+    env: str = "development"
+    database_url: str = "sqlite:///newsletter.db"
+    broker_url: str = ""
+    smtp_url: SecretStr = SecretStr("")
+    outbox_dir: Path = Path("outbox")
+    base_url: str = "http://localhost:8000"
+    secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
+    admin_token: SecretStr = SecretStr("")
+    batch_size: int = Field(default=500, ge=1, le=100_000)
+    rate_limit: float = Field(default=0, ge=0)
+    dkim_domain: str = ""
+    dkim_selector: str = ""
+    dkim_key_file: str = ""
+    postal_address: str = "Newsletter Desk, 1 Example Street, Example City"
+    templates_dir: Path = REPO_TEMPLATES
+
+    # Delivery timing. A claimed batch holds its rows for lease_seconds; a temporary SMTP
+    # failure is retried with backoff until retry_deadline_hours after the send started.
+    # Both stay below the broker's visibility timeout so that Redis never redelivers a task
+    # whose rows are still legitimately held (see docs/architecture.md).
+    lease_seconds: int = Field(default=600, ge=10)
+    retry_base_seconds: float = Field(default=60, gt=0)
+    retry_max_seconds: float = Field(default=1800, gt=0)
+    retry_deadline_hours: float = Field(default=24, gt=0)
+    visibility_timeout: int = Field(default=7200, ge=60)
+    smtp_timeout: float = Field(default=30, gt=0)
+    max_consecutive_failures: int = Field(default=50, ge=1)
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("BASE_URL must start with http:// or https://")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.env == "production" and self.secret_key.get_secret_value() == DEV_SECRET_KEY:
+            raise ValueError("NEWSLETTER_SECRET_KEY must be set when NEWSLETTER_ENV=production")
+        longest_hold = max(self.lease_seconds, self.retry_max_seconds)
+        if self.broker_url and longest_hold >= self.visibility_timeout:
+            raise ValueError(
+                f"NEWSLETTER_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed the "
+                f"lease and the longest retry delay ({longest_hold:g}s), or Redis would "
+                "hand a held batch to a second worker"
+            )
+        return self
+
+    @property
+    def secret_keys(self) -> list[str]:
+        """SECRET_KEY may hold several comma-separated keys: the first signs, all verify."""
+        return [k.strip() for k in self.secret_key.get_secret_value().split(",") if k.strip()]
+
+    @property
+    def using_dev_secret(self) -> bool:
+        return self.secret_key.get_secret_value() == DEV_SECRET_KEY
+
+    def smtp(self) -> SmtpConfig | None:
+        raw = self.smtp_url.get_secret_value()
+        return SmtpConfig.parse(raw, timeout=self.smtp_timeout) if raw else None
+
+
+class SmtpConfig:
+    """Parsed NEWSLETTER_SMTP_URL: smtp://user:pass@host:587?starttls=1 or smtps://host:465."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ssl: bool,
+        starttls: bool,
+        username: str | None,
+        password: str | None,
+        timeout: float,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.ssl = ssl
+        self.starttls = starttls
+        self.username = username
+        self.password = password
+        self.timeout = timeout
+
+    def __repr__(self) -> str:  # never print the password
+        return f"SmtpConfig({self.host}:{self.port}, ssl={self.ssl}, starttls={self.starttls})"
+
+    @classmethod
+    def parse(cls, url: str, *, timeout: float = 30) -> SmtpConfig:
+        parts = urlsplit(url)
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ConfigError("NEWSLETTER_SMTP_URL must start with smtp:// or smtps://")
+        if not parts.hostname:
+            raise ConfigError("NEWSLETTER_SMTP_URL has no host")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        ssl = parts.scheme == "smtps"
+        starttls = query.get("starttls", "0").lower() in ("1", "true", "yes")
+        port = parts.port or (465 if ssl else 25)
+        return cls(
+            parts.hostname,
+            port,
+            ssl=ssl,
+            starttls=starttls,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            timeout=float(query.get("timeout", timeout)),
+        )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    try:
+        settings = Settings()
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise ConfigError(_first_error(exc)) from None
+    if settings.using_dev_secret:
+        log.warning("NEWSLETTER_SECRET_KEY is the development default; set it before going live")
+    return settings
+
+
+def _first_error(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        msg = str(first.get("msg", exc)).removeprefix("Value error, ")
+        return f"invalid setting {where.upper()}: {msg}" if where else f"invalid settings: {msg}"
+    return str(exc)

@@ -1,0 +1,59 @@
+"""Signed link tokens (pure). A link carries the subscription's opaque random token, signed
+with a salt per purpose so that an unsubscribe link cannot confirm and a confirm link cannot
+open preferences. Unsubscribe and preferences links never expire; confirm links do."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Sequence
+
+from itsdangerous import BadSignature, SignatureExpired, Signer, TimestampSigner
+
+from newsletter.errors import InvalidInput
+
+CONFIRM_MAX_AGE = 7 * 24 * 3600
+
+
+class Purpose(enum.StrEnum):
+    CONFIRM = "confirm"
+    UNSUBSCRIBE = "unsubscribe"
+    PREFERENCES = "preferences"
+
+
+class TokenError(InvalidInput):
+    """A link token that is tampered, truncated, expired or meant for another purpose."""
+
+
+class LinkSigner:
+    """Signs with the first of `secret_keys` and accepts any of them (key rotation)."""
+
+    def __init__(self, secret_keys: Sequence[str]) -> None:
+        if not secret_keys:
+            raise ValueError("at least one secret key is needed")
+        # itsdangerous signs with the LAST key of the list and verifies with all.
+        self._keys = list(reversed(secret_keys))
+
+    def _signer(self, purpose: Purpose) -> Signer:
+        cls = TimestampSigner if purpose is Purpose.CONFIRM else Signer
+        return cls(self._keys, salt=f"newsletter.{purpose.value}", digest_method=hashlib.sha256)
+
+    def sign(self, purpose: Purpose, token: str) -> str:
+        return self._signer(purpose).sign(token).decode("ascii")
+
+    def unsign(self, purpose: Purpose, signed: str) -> str:
+        signer = self._signer(purpose)
+        try:
+            if isinstance(signer, TimestampSigner):
+                raw = signer.unsign(signed, max_age=CONFIRM_MAX_AGE)
+            else:
+                raw = signer.unsign(signed)
+        except SignatureExpired:
+            raise TokenError("this link has expired; subscribe again to get a new one") from None
+        except BadSignature:
+            raise TokenError("this link is not valid (it may be incomplete or altered)") from None
+        return raw.decode("ascii")
+
+
+def link(base_url: str, purpose: Purpose, signed: str) -> str:
+    return f"{base_url}/{purpose.value}/{signed}"
