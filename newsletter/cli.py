@@ -1,0 +1,601 @@
+"""The `newsletter` command line. Thin: parse arguments, open a transaction, call the package,
+print. User errors print one line on stderr and exit 1, with no traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from newsletter import delivery, issues, subscriptions
+from newsletter.addresses import parse_from_address
+from newsletter.articles import ArticleParseError, parse_source
+from newsletter.config import ConfigError, get_settings
+from newsletter.db import upgrade
+from newsletter.errors import InvalidInput, NewsletterError
+from newsletter.message import HeaderValueError
+from newsletter.models import Article, Issue, MailingList, SubscriptionStatus
+from newsletter.runtime import Runtime
+
+app = typer.Typer(
+    help="Self-hosted newsletter delivery.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+lists_app = typer.Typer(help="Mailing lists.", no_args_is_help=True)
+subs_app = typer.Typer(help="Subscribers of a list.", no_args_is_help=True)
+articles_app = typer.Typer(help="Articles to compose issues from.", no_args_is_help=True)
+issues_app = typer.Typer(help="Compose, preview and send issues.", no_args_is_help=True)
+app.add_typer(lists_app, name="lists")
+app.add_typer(subs_app, name="subscribers")
+app.add_typer(articles_app, name="articles")
+app.add_typer(issues_app, name="issues")
+
+USER_ERRORS = (NewsletterError, ConfigError, ArticleParseError, HeaderValueError)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+ListOpt = Annotated[str, typer.Option("--list", help="The list's slug.")]
+
+
+_runtime: Runtime | None = None
+
+
+def rt() -> Runtime:
+    global _runtime
+    if _runtime is None:
+        _runtime = Runtime(get_settings())
+    return _runtime
+
+
+@contextmanager
+def transaction() -> Iterator[Session]:
+    """One transaction per command: everything or nothing."""
+    with rt().sessions() as session, session.begin():
+        yield session
+
+
+def out(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, default=str, ensure_ascii=False))
+
+
+def interactive() -> bool:
+    return sys.stderr.isatty()
+
+
+# --- schema ---
+
+
+@app.command()
+def init() -> None:
+    """Create or upgrade the database schema."""
+    upgrade(rt().engine)
+    typer.echo(f"schema is up to date ({rt().engine.url.render_as_string(hide_password=True)})")
+
+
+@app.command()
+def demo() -> None:
+    """Run the whole flow on the embedded default: articles, a list, readers, send, preview."""
+    from newsletter.demo import run_demo
+
+    run_demo(rt(), echo=typer.echo)
+
+
+# --- lists ---
+
+
+@lists_app.command("create")
+def lists_create(
+    slug: str,
+    name: Annotated[str, typer.Option("--name", help="Shown to readers.")],
+    from_address: Annotated[str, typer.Option("--from-address", help='"Desk <desk@example.org>"')],
+    reply_to: Annotated[str | None, typer.Option("--reply-to")] = None,
+) -> None:
+    """Create a mailing list."""
+    with transaction() as s:
+        mlist = subscriptions.create_list(s, slug, name, from_address, reply_to)
+        typer.echo(f"created list {mlist.slug!r} ({mlist.name}) from {mlist.from_address}")
+
+
+@lists_app.command("show")
+def lists_show(as_json: JsonOpt = False) -> None:
+    """Show every list with its subscriber counts."""
+    with transaction() as s:
+        rows = subscriptions.list_counts(s)
+        data: list[dict[str, Any]] = [
+            {
+                "slug": m.slug,
+                "name": m.name,
+                "from_address": m.from_address,
+                "reply_to": m.reply_to,
+                "counts": counts,
+            }
+            for m, counts in rows
+        ]
+    if as_json:
+        out(data)
+        return
+    if not data:
+        typer.echo("no lists yet: newsletter lists create SLUG --name N --from-address A")
+    for d in data:
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(d["counts"].items())) or "no subscribers"
+        typer.echo(f"{d['slug']}\t{d['name']}\t{d['from_address']}\t{counts}")
+
+
+# --- subscribers ---
+
+
+@subs_app.command("add")
+def subs_add(
+    email: str,
+    list_slug: ListOpt,
+    name: Annotated[str | None, typer.Option("--name")] = None,
+    confirmed: Annotated[bool, typer.Option("--confirmed", help="Skip double opt-in.")] = False,
+) -> None:
+    """Add one subscriber (pending unless --confirmed)."""
+    with transaction() as s:
+        sub = subscriptions.add_subscriber(
+            s,
+            email,
+            list_slug,
+            name=name,
+            confirmed=confirmed,
+            source="cli",
+            suppression_key=rt().suppression_key,
+        )
+        typer.echo(f"{email.strip()} is {sub.status.value} on {list_slug!r}")
+
+
+@subs_app.command("import")
+def subs_import(
+    file: Path,
+    list_slug: ListOpt,
+    confirmed: Annotated[bool, typer.Option("--confirmed", help="Import as active.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Any bad row aborts all.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a CSV with a header row (email required; name and other columns optional)."""
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InvalidInput(f"{file}: {exc.strerror}") from None
+    stream = subscriptions.read_text_stream(data, str(file))
+    with transaction() as s:
+        report = subscriptions.import_csv(
+            s,
+            stream,
+            list_slug,
+            confirmed=confirmed,
+            strict=strict,
+            suppression_key=rt().suppression_key,
+            name=str(file),
+        )
+    if as_json:
+        out(report.as_dict())
+        return
+    for line, reason in report.rejected:
+        typer.echo(f"{file}: line {line}: {reason}", err=True)
+    typer.echo(report.summary())
+
+
+@subs_app.command("export")
+def subs_export(
+    list_slug: ListOpt,
+    output: Annotated[Path | None, typer.Option("--output", help="File (default stdout).")] = None,
+) -> None:
+    """Export a list as CSV (cells that a spreadsheet would run as formulas are defused)."""
+    with transaction() as s:
+        subscriptions.get_list(s, list_slug)
+        if output is None:
+            subscriptions.export_csv(s, list_slug, sys.stdout)
+            return
+        tmp = output.with_name(output.name + ".part")
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            n = subscriptions.export_csv(s, list_slug, fh)
+        tmp.replace(output)
+    typer.echo(f"exported {n} subscriber(s) to {output}", err=True)
+
+
+@subs_app.command("list")
+def subs_list(
+    list_slug: ListOpt,
+    status: Annotated[str | None, typer.Option("--status", help="pending, active, ...")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
+    after: Annotated[int, typer.Option("--after", help="Continue after this id.")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """List subscribers, oldest first, a page at a time."""
+    try:
+        wanted = SubscriptionStatus(status) if status else None
+    except ValueError:
+        choices = ", ".join(s.value for s in SubscriptionStatus)
+        raise InvalidInput(f"unknown status {status!r} (choose from {choices})") from None
+    with transaction() as s:
+        rows = [
+            {
+                "id": sub.id,
+                "email": person.email,
+                "name": person.name,
+                "status": sub.status.value,
+                "subscribed_at": sub.created_at,
+            }
+            for sub, person in subscriptions.iter_subscriptions(
+                s, list_slug, status=wanted, after_id=after, limit=limit
+            )
+        ]
+    if as_json:
+        out(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['id']}\t{r['email']}\t{r['name'] or ''}\t{r['status']}")
+
+
+@subs_app.command("unsubscribe")
+def subs_unsubscribe(email: str, list_slug: ListOpt) -> None:
+    """Unsubscribe an address from a list (takes effect for every batch not yet claimed)."""
+    with transaction() as s:
+        changed = subscriptions.unsubscribe(s, email, list_slug, source="operator")
+    typer.echo(
+        f"{email.strip()} unsubscribed from {list_slug!r}"
+        if changed
+        else f"{email.strip()} was already unsubscribed from {list_slug!r}"
+    )
+
+
+@subs_app.command("erase")
+def subs_erase(email: str) -> None:
+    """Erase an address's personal data; a keyed hash keeps it from being re-added."""
+    with transaction() as s:
+        n = subscriptions.erase_subscriber(
+            s, email, suppression_key=rt().suppression_key, source="operator"
+        )
+    typer.echo(f"erased {email.strip()} ({n} subscription(s)); the address is now suppressed")
+
+
+# --- articles ---
+
+
+@articles_app.command("ingest")
+def articles_ingest(
+    paths: Annotated[list[str], typer.Argument(help=".txt, .json, RSS/Atom .xml, or - for stdin")],
+    section: Annotated[str | None, typer.Option("--section", help="Override the section.")] = None,
+) -> None:
+    """Ingest article files. A file that cannot be parsed is an error and adds nothing."""
+    parsed = []
+    for name in paths:
+        try:
+            data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"{name}: {exc.strerror}") from None
+        parsed.append((name, parse_source(name, data, section=section)))
+    added = unchanged = 0
+    with transaction() as s:
+        for name, articles in parsed:
+            report = issues.store_articles(s, articles, source=name)
+            added += report.added
+            unchanged += report.unchanged
+    typer.echo(f"ingested {added} new article(s), {unchanged} already known")
+
+
+@articles_app.command("list")
+def articles_list(
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 50, as_json: JsonOpt = False
+) -> None:
+    """List the newest articles."""
+    with transaction() as s:
+        rows = [
+            {
+                "id": a.id,
+                "section": a.section,
+                "title": a.title,
+                "url": a.url,
+                "published_at": a.published_at,
+                "ingested_at": a.ingested_at,
+            }
+            for a in s.scalars(select(Article).order_by(Article.id.desc()).limit(limit))
+        ]
+    if as_json:
+        out(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['id']}\t{r['section']}\t{r['title']}")
+
+
+# --- issues ---
+
+
+@issues_app.command("list")
+def issues_list(
+    list_slug: Annotated[str | None, typer.Option("--list")] = None, as_json: JsonOpt = False
+) -> None:
+    """List issues, newest first."""
+    with transaction() as s:
+        query = (
+            select(Issue, MailingList.slug)
+            .join(MailingList, MailingList.id == Issue.list_id)
+            .order_by(Issue.id.desc())
+        )
+        if list_slug:
+            query = query.where(Issue.list_id == subscriptions.get_list(s, list_slug).id)
+        rows = [
+            {
+                "id": i.id,
+                "list": slug,
+                "subject": i.subject,
+                "status": i.status.value,
+                "created_at": i.created_at,
+            }
+            for i, slug in s.execute(query).all()
+        ]
+    if as_json:
+        out(rows)
+        return
+    for r in rows:
+        typer.echo(f"{r['id']}\t{r['list']}\t{r['status']}\t{r['subject']}")
+
+
+def _parse_since(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        since = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidInput(f"--since {value!r} is not a date (use YYYY-MM-DD)") from None
+    return since if since.tzinfo else since.replace(tzinfo=UTC)
+
+
+@issues_app.command("compose")
+def issues_compose(
+    list_slug: ListOpt,
+    since: Annotated[str | None, typer.Option("--since", help="Articles since DATE.")] = None,
+    max_articles: Annotated[int, typer.Option("--max-articles", min=1)] = 10,
+    subject: Annotated[str | None, typer.Option("--subject")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compose a draft issue from the list's next articles; prints its id."""
+    r = rt()
+    with transaction() as s:
+        issue = issues.compose_issue(
+            s,
+            r.templates,
+            list_slug,
+            base_url=r.settings.base_url,
+            postal_address=r.settings.postal_address,
+            since=_parse_since(since),
+            max_articles=max_articles,
+            subject=subject,
+        )
+        result = {"id": issue.id, "subject": issue.subject, "status": issue.status.value}
+    if as_json:
+        out(result)
+    else:
+        typer.echo(result["id"])
+
+
+@issues_app.command("preview")
+def issues_preview(
+    issue_id: int,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory.")] = Path("preview"),
+) -> None:
+    """Write ID.html, ID.txt and ID.eml exactly as a subscriber receives them."""
+    with transaction() as s:
+        paths = issues.write_preview(s, issue_id, rt().links, out_dir)
+    for p in paths:
+        typer.echo(str(p))
+
+
+@issues_app.command("send")
+def issues_send(
+    issue_id: int,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow progress until done.")] = False,
+    test_to: Annotated[
+        str | None, typer.Option("--test-to", help="Send one test copy; change nothing.")
+    ] = None,
+) -> None:
+    """Freeze the audience and send (through the workers when BROKER_URL is set)."""
+    r = rt()
+    if test_to:
+        _send_test(issue_id, test_to)
+        return
+    with transaction() as s:
+        batch_ids = issues.begin_send(s, r.templates, issue_id, batch_size=r.settings.batch_size)
+        total = delivery.delivery_counts(s, issue_id)["queued"]
+    typer.echo(f"issue {issue_id}: {total} recipient(s) in {len(batch_ids)} batch(es)", err=True)
+    if not r.settings.broker_url:
+        _run_here(issue_id, batch_ids, total)
+    else:
+        from worker.tasks import enqueue_batches
+
+        enqueue_batches(batch_ids)
+        with transaction() as s:
+            delivery.mark_enqueued(s, batch_ids)
+        if not wait:
+            typer.echo(f"queued; follow with: newsletter issues status {issue_id}")
+            return
+        _follow(issue_id, total)
+    _final(issue_id)
+
+
+def _send_test(issue_id: int, address: str) -> None:
+    from newsletter.addresses import normalize_email
+    from newsletter.transport import Outcome, session_of
+
+    r = rt()
+    email = normalize_email(address)
+    with transaction() as s:
+        issue = issues.get_issue(s, issue_id)
+        reader = issues.SampleReader(email, None, subscriptions.new_token())
+        data, _html, _text = issues.build_single(
+            s, issue, r.links, reader, subject_prefix="[TEST] "
+        )
+        mlist = s.get(MailingList, issue.list_id)
+        assert mlist is not None
+        sender = parse_from_address(mlist.from_address)[1]
+    with session_of(r.transport) as conn:
+        res = conn.send(sender, email, data)
+    if res.outcome is not Outcome.SENT:
+        raise NewsletterError(f"test send to {email} failed: {res.describe()}")
+    typer.echo(f"test copy of issue {issue_id} sent to {email} ({res.describe()})")
+
+
+def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:
+    r = rt()
+    if interactive() and total:
+        from rich.progress import Progress
+
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"sending issue {issue_id}", total=total)
+            delivery.run_in_process(
+                r.sessions,
+                issue_id,
+                batch_ids,
+                r.transport,
+                r.links,
+                r.policy,
+                throttle=r.throttle(),
+                on_batch=lambda rep: progress.advance(task, rep.sent + rep.failed),
+            )
+    else:
+        delivery.run_in_process(
+            r.sessions, issue_id, batch_ids, r.transport, r.links, r.policy, throttle=r.throttle()
+        )
+
+
+def _follow(issue_id: int, total: int) -> None:
+    """Follow progress from the database (the only truth), not from the broker."""
+    progress = None
+    if interactive():
+        from rich.progress import Progress
+
+        progress = Progress(transient=True)
+        progress.start()
+        task = progress.add_task(f"sending issue {issue_id}", total=total)
+    try:
+        while True:
+            with transaction() as s:
+                st = delivery.issue_status(s, issue_id)
+            done = total - st["counts"]["queued"] - st["counts"]["claimed"]
+            if progress is not None:
+                progress.update(task, completed=done)
+            if st["status"] != "sending":
+                return
+            time.sleep(0.5)
+    finally:
+        if progress is not None:
+            progress.stop()
+
+
+def _final(issue_id: int) -> None:
+    with transaction() as s:
+        st = delivery.issue_status(s, issue_id)
+    c = st["counts"]
+    typer.echo(
+        f"issue {issue_id} {st['status']}: sent {c['sent']}, failed {c['failed']}, "
+        f"skipped {c['skipped']}, queued {c['queued'] + c['claimed']}"
+    )
+    if st["status"] in ("paused", "cancelled"):
+        raise NewsletterError(f"issue {issue_id} is {st['status']}: {st['reason']}")
+
+
+@issues_app.command("status")
+def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
+    """Counts per delivery status, and why the issue stopped if it did."""
+    with transaction() as s:
+        st = delivery.issue_status(s, issue_id)
+    if as_json:
+        out(st)
+        return
+    typer.echo(f"issue {st['id']}: {st['status']}  {st['subject']}")
+    if st["reason"]:
+        typer.echo(f"reason: {st['reason']}")
+    typer.echo("  ".join(f"{k} {v}" for k, v in st["counts"].items()) + f"  (total {st['total']})")
+    for e in st["last_errors"]:
+        typer.echo(f"  delivery {e['delivery']}: {e['error']}")
+
+
+@issues_app.command("pause")
+def issues_pause(issue_id: int) -> None:
+    """Stop new batches from being claimed (batches in flight finish)."""
+    with transaction() as s:
+        delivery.pause_issue(s, issue_id)
+    typer.echo(f"issue {issue_id} paused; resume with: newsletter issues resume {issue_id}")
+
+
+@issues_app.command("resume")
+def issues_resume(issue_id: int) -> None:
+    """Continue a paused issue, or re-enqueue the lost work of a sending one."""
+    r = rt()
+    with transaction() as s:
+        batch_ids = delivery.resume_issue(s, issue_id)
+        if r.settings.broker_url:
+            delivery.mark_enqueued(s, batch_ids)
+    if r.settings.broker_url:
+        from worker.tasks import enqueue_batches
+
+        enqueue_batches(batch_ids)
+        typer.echo(f"issue {issue_id} resumed: {len(batch_ids)} batch(es) queued")
+        return
+    with transaction() as s:
+        total = delivery.delivery_counts(s, issue_id)["queued"]
+    _run_here(issue_id, batch_ids, total)
+    _final(issue_id)
+
+
+@issues_app.command("cancel")
+def issues_cancel(issue_id: int) -> None:
+    """Cancel the rest of an issue: deliveries not yet sent are marked cancelled."""
+    with transaction() as s:
+        n = delivery.cancel_issue(s, issue_id)
+    typer.echo(f"issue {issue_id} cancelled; {n} delivery(ies) will not be sent")
+
+
+# --- processes ---
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+) -> None:
+    """Serve the web app: subscribe, confirm, unsubscribe, preferences, archive, /api."""
+    import uvicorn
+
+    from newsletter.web.app import create_app
+
+    uvicorn.run(create_app(rt()), host=host, port=port, proxy_headers=True)
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def worker(ctx: typer.Context) -> None:
+    """Start a Celery worker (extra options go to `celery worker`)."""
+    settings = get_settings()
+    if not settings.broker_url:
+        raise InvalidInput("NEWSLETTER_BROKER_URL is not set: without it, sends run in-process")
+    from worker.celery_app import app as celery_app
+
+    celery_app.worker_main(["worker", *ctx.args])
+
+
+def main() -> None:
+    # Usage errors, --help and Ctrl-C are handled by Typer itself; errors a user can fix
+    # become one line on stderr with exit status 1, never a traceback.
+    try:
+        app()
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""Articles in, issues out: store parsed articles, compose an issue, preview it.
+
+Parsing, summarising and rendering are pure (articles.py, compose.py); this module feeds them
+from the database and stores what they return, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+
+import jinja2
+from sqlalchemy import insert, select
+from sqlalchemy.orm import Session
+
+from newsletter.articles import ParsedArticle, summary_for
+from newsletter.compose import DigestArticle, DigestContext, default_subject, render_issue
+from newsletter.delivery import Links, build_for, prepare_issue
+from newsletter.errors import InvalidInput, NotFound
+from newsletter.message import format_date
+from newsletter.models import (
+    Article,
+    Issue,
+    IssueArticle,
+    IssueStatus,
+    MailingList,
+    Subscriber,
+    Subscription,
+    SubscriptionStatus,
+    utcnow,
+)
+from newsletter.subscriptions import get_list, new_token
+
+SUMMARY_WORDS = 60
+
+
+@dataclass
+class IngestReport:
+    added: int = 0
+    unchanged: int = 0
+
+
+def store_articles(
+    session: Session, articles: Sequence[ParsedArticle], *, source: str
+) -> IngestReport:
+    """Insert articles not seen before (by content hash). Re-ingesting changes nothing."""
+    report = IngestReport()
+    hashes = {a.content_hash(): a for a in articles}
+    known = set(
+        session.scalars(select(Article.content_hash).where(Article.content_hash.in_(list(hashes))))
+    )
+    for digest, article in hashes.items():
+        if digest in known:
+            report.unchanged += 1
+            continue
+        session.add(
+            Article(
+                content_hash=digest,
+                section=article.section,
+                title=article.title,
+                body=article.body,
+                summary=article.summary,
+                url=article.url,
+                published_at=article.published_at,
+                source=source[:500],
+            )
+        )
+        report.added += 1
+    report.unchanged += len(articles) - len(hashes)  # duplicates within one input
+    session.flush()
+    return report
+
+
+def _as_parsed(row: Article) -> ParsedArticle:
+    return ParsedArticle(
+        section=row.section,
+        title=row.title,
+        body=row.body,
+        url=row.url,
+        published_at=row.published_at,
+        summary=row.summary,
+    )
+
+
+def pick_articles(
+    session: Session, mlist: MailingList, *, since: datetime | None, limit: int
+) -> list[Article]:
+    """The list's next articles: with --since, every article ingested since then; otherwise
+    those not yet in any issue of this list. Oldest first, at most `limit`."""
+    query = select(Article).order_by(Article.ingested_at, Article.id).limit(limit)
+    if since is not None:
+        query = query.where(Article.ingested_at >= since)
+    else:
+        used = (
+            select(IssueArticle.article_id)
+            .join(Issue, Issue.id == IssueArticle.issue_id)
+            .where(Issue.list_id == mlist.id)
+        )
+        query = query.where(Article.id.not_in(used))
+    return list(session.scalars(query))
+
+
+def compose_issue(
+    session: Session,
+    env: jinja2.Environment,
+    list_slug: str,
+    *,
+    base_url: str,
+    postal_address: str,
+    since: datetime | None = None,
+    max_articles: int = 10,
+    subject: str | None = None,
+    today: date | None = None,
+) -> Issue:
+    """Render and inline the digest ONCE and store it as a draft issue."""
+    if max_articles < 1:
+        raise InvalidInput("--max-articles must be at least 1")
+    mlist = get_list(session, list_slug)
+    rows = pick_articles(session, mlist, since=since, limit=max_articles)
+    if not rows:
+        raise InvalidInput(
+            f"no new articles for list {list_slug!r}: ingest some, or use --since to reuse"
+        )
+    digest = [
+        DigestArticle(
+            section=r.section,
+            title=r.title,
+            summary=summary_for(_as_parsed(r), max_words=SUMMARY_WORDS),
+            url=r.url,
+        )
+        for r in rows
+    ]
+    day = today or utcnow().date()
+    if subject is not None:
+        subject = " ".join(subject.split())
+        if not subject:
+            raise InvalidInput("the subject is empty")
+    subject = subject or default_subject(mlist.name, day, digest)
+    from newsletter.message import check_header_value
+
+    check_header_value(subject, "subject")
+    issue = Issue(
+        list_id=mlist.id,
+        subject=subject[:300],
+        status=IssueStatus.DRAFT,
+        html="",
+        text="",
+        nonce=secrets.token_hex(6),
+        consecutive_failures=0,
+    )
+    session.add(issue)
+    session.flush()  # the archive link needs the id
+    rendered = render_issue(
+        DigestContext(
+            list_name=mlist.name,
+            list_slug=mlist.slug,
+            issue_date=day,
+            subject=issue.subject,
+            articles=digest,
+            postal_address=postal_address,
+            archive_url=f"{base_url}/archive/{mlist.slug}/{issue.id}",
+        ),
+        env,
+    )
+    issue.html, issue.text = rendered.html, rendered.text
+    session.execute(
+        insert(IssueArticle),
+        [
+            {"issue_id": issue.id, "article_id": r.id, "position": i, "summary": a.summary}
+            for i, (r, a) in enumerate(zip(rows, digest, strict=True))
+        ],
+    )
+    session.flush()
+    return issue
+
+
+def get_issue(session: Session, issue_id: int) -> Issue:
+    issue = session.get(Issue, issue_id)
+    if issue is None:
+        raise NotFound(f"unknown issue {issue_id}")
+    return issue
+
+
+@dataclass(frozen=True)
+class SampleReader:
+    email: str
+    name: str | None
+    token: str
+
+
+def sample_reader(session: Session, issue: Issue) -> SampleReader:
+    """The first active reader of the list, or a stand-in when there is none yet."""
+    row = session.execute(
+        select(Subscriber.email, Subscriber.name, Subscription.token)
+        .join(Subscription, Subscription.subscriber_id == Subscriber.id)
+        .where(
+            Subscription.list_id == issue.list_id,
+            Subscription.status == SubscriptionStatus.ACTIVE,
+        )
+        .order_by(Subscription.id)
+        .limit(1)
+    ).first()
+    if row is None:
+        return SampleReader("reader@example.org", "Reader", new_token())
+    return SampleReader(*row)
+
+
+def build_single(
+    session: Session,
+    issue: Issue,
+    links: Links,
+    reader: SampleReader,
+    *,
+    subject_prefix: str = "",
+) -> tuple[bytes, str, str]:
+    """Build one reader's message exactly as delivery does; returns (bytes, html, text)."""
+    mlist = session.get(MailingList, issue.list_id)
+    assert mlist is not None
+    prepared = prepare_issue(issue, mlist, subject_prefix=subject_prefix)
+    data, _mid = build_for(
+        prepared,
+        links,
+        delivery_id=0,
+        email=reader.email,
+        name=reader.name,
+        token=reader.token,
+        date=format_date(),
+    )
+    import email
+    import email.policy
+
+    msg = email.message_from_bytes(data, policy=email.policy.default)
+    html = text = ""
+    for part in msg.walk():
+        if part.get_content_type() == "text/html":
+            html = part.get_content()
+        elif part.get_content_type() == "text/plain":
+            text = part.get_content()
+    return data, html, text
+
+
+def write_preview(
+    session: Session, issue_id: int, links: Links, out_dir: Path
+) -> tuple[Path, Path, Path]:
+    issue = get_issue(session, issue_id)
+    data, html, text = build_single(session, issue, links, sample_reader(session, issue))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = (out_dir / f"{issue_id}.html", out_dir / f"{issue_id}.txt", out_dir / f"{issue_id}.eml")
+    paths[0].write_text(html, encoding="utf-8")
+    paths[1].write_text(text, encoding="utf-8")
+    paths[2].write_bytes(data)
+    return paths
+
+
+def begin_send(
+    session: Session, env: jinja2.Environment, issue_id: int, *, batch_size: int
+) -> list[int]:
+    """Everything `issues send` does before the first message, in the caller's transaction:
+    render any section variant the audience needs, freeze the audience, cut batches."""
+    from newsletter.delivery import start_send
+
+    return start_send(session, issue_id, batch_size=batch_size)

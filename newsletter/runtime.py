@@ -1,0 +1,78 @@
+"""Wiring: build the adapters (engine, sessions, transport, links, policy) from settings.
+
+Only entry points (CLI, web app, worker app) call this; the package below receives the
+pieces through arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cached_property
+
+import jinja2
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter.compose import make_environment
+from newsletter.config import Settings
+from newsletter.db import make_engine, make_sessionmaker
+from newsletter.delivery import DeliveryPolicy, Links
+from newsletter.ratelimit import LocalRateLimiter, RedisRateLimiter
+from newsletter.tokens import LinkSigner
+from newsletter.transport import OutboxTransport, SmtpTransport, Transport
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    _engine: Engine | None = field(default=None, repr=False)
+
+    @cached_property
+    def engine(self) -> Engine:
+        return self._engine or make_engine(self.settings.database_url)
+
+    @cached_property
+    def sessions(self) -> sessionmaker[Session]:
+        return make_sessionmaker(self.engine)
+
+    @cached_property
+    def transport(self) -> Transport:
+        smtp = self.settings.smtp()
+        if smtp is not None:
+            return SmtpTransport(smtp)
+        return OutboxTransport(self.settings.outbox_dir)
+
+    @cached_property
+    def links(self) -> Links:
+        return Links(self.settings.base_url, LinkSigner(self.settings.secret_keys))
+
+    @cached_property
+    def policy(self) -> DeliveryPolicy:
+        s = self.settings
+        return DeliveryPolicy(
+            lease_seconds=s.lease_seconds,
+            retry_base_seconds=s.retry_base_seconds,
+            retry_max_seconds=s.retry_max_seconds,
+            retry_deadline=timedelta(hours=s.retry_deadline_hours),
+            max_consecutive_failures=s.max_consecutive_failures,
+        )
+
+    @cached_property
+    def templates(self) -> jinja2.Environment:
+        return make_environment(self.settings.templates_dir)
+
+    @property
+    def suppression_key(self) -> str:
+        return self.settings.secret_keys[0]
+
+    def throttle(self) -> Callable[[], None] | None:
+        rate = self.settings.rate_limit
+        if not rate:
+            return None
+        if self.settings.broker_url.startswith(("redis://", "rediss://")):
+            import redis
+
+            return RedisRateLimiter(redis.Redis.from_url(self.settings.broker_url), rate)
+        return LocalRateLimiter(rate)

@@ -1,0 +1,168 @@
+"""The subscription store on SQLite and PostgreSQL: lists, subscribers, CSV import/export."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import func, select
+
+from newsletter import subscriptions
+from newsletter.errors import Conflict, InvalidInput, NotFound
+from newsletter.models import Event, Subscriber, Subscription, SubscriptionStatus
+from newsletter.runtime import Runtime
+
+KEY = "test-secret-key"
+
+
+@pytest.fixture
+def rt(db_url: str, make_runtime: Callable[..., Runtime]) -> Runtime:
+    rt = make_runtime(db_url)
+    with rt.sessions() as s, s.begin():
+        subscriptions.create_list(s, "world", "World Digest", "World Desk <desk@example.org>")
+    return rt
+
+
+def count(rt: Runtime, model: type, *where: object) -> int:
+    with rt.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def do_import(rt: Runtime, data: str, **kw: object) -> subscriptions.ImportReport:
+    with rt.sessions() as s, s.begin():
+        return subscriptions.import_csv(
+            s,
+            subscriptions.read_text_stream(data.encode("utf-8"), "in.csv"),
+            "world",
+            suppression_key=KEY,
+            name="in.csv",
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+def test_lists_refuse_duplicates_and_bad_input(rt: Runtime) -> None:
+    with rt.sessions() as s, s.begin(), pytest.raises(Conflict, match="already exists"):
+        subscriptions.create_list(s, "world", "Again", "desk@example.org")
+    with rt.sessions() as s, s.begin(), pytest.raises(InvalidInput, match="slug"):
+        subscriptions.create_list(s, "Bad Slug", "X", "desk@example.org")
+    with rt.sessions() as s, s.begin(), pytest.raises(InvalidInput):
+        subscriptions.create_list(s, "ok", "X", "Desk <desk@example.org>\r\nBcc: x@y.org")
+    with rt.sessions() as s, pytest.raises(NotFound, match="unknown list 'nope'"):
+        subscriptions.get_list(s, "nope")
+
+
+def test_email_is_unique_case_insensitively_on_the_domain(rt: Runtime) -> None:
+    with rt.sessions() as s, s.begin():
+        subscriptions.add_subscriber(s, "Ada@Example.COM", "world", suppression_key=KEY)
+        subscriptions.add_subscriber(s, "Ada@example.com", "world", suppression_key=KEY)
+        subscriptions.add_subscriber(s, "ada@example.com", "world", suppression_key=KEY)
+    with rt.sessions() as s:
+        emails = sorted(s.scalars(select(Subscriber.email)))
+    assert emails == ["Ada@example.com", "ada@example.com"]
+
+
+def test_operator_cannot_resubscribe_someone_who_left(rt: Runtime) -> None:
+    with rt.sessions() as s, s.begin():
+        subscriptions.add_subscriber(
+            s, "left@example.org", "world", confirmed=True, suppression_key=KEY
+        )
+        assert subscriptions.unsubscribe(s, "left@example.org", "world", source="page")
+    with rt.sessions() as s, s.begin(), pytest.raises(Conflict, match="unsubscribed"):
+        subscriptions.add_subscriber(
+            s, "left@example.org", "world", confirmed=True, suppression_key=KEY
+        )
+    assert count(rt, Event, Event.kind == "unsubscribed", Event.source == "page") == 1
+
+
+def test_import_reports_every_bad_row_and_keeps_the_good(rt: Runtime) -> None:
+    data = (
+        "\ufeffEmail,Name,City\n"  # BOM and a capitalised header
+        "ann@example.org,Ann,Oslo\n"  # line 2 ok
+        "not-an-address,Bob,\n"  # line 3 invalid
+        "ann@EXAMPLE.org,Ann again,\n"  # line 4 duplicate of line 2
+        '"eve@example.org","Eve\r\nBcc: x@evil.test",\n'  # lines 5-6: CR/LF in a field
+        ",No Email,\n"  # line 7 missing email
+        "nul@example.org,Nu\x00l,\n"  # line 8 NUL
+        "zoe@example.org,Zoë,Zürich\n"  # line 9 ok, non-ASCII
+    )
+    report = do_import(rt, data)
+    assert (report.imported, report.updated) == (2, 0)
+    reasons = dict(report.rejected)
+    assert sorted(reasons) == [3, 4, 6, 7, 8]
+    assert "invalid email" in reasons[3]
+    assert "duplicate of line 2" in reasons[4]
+    assert "line break or NUL" in reasons[6]
+    assert reasons[7] == "missing email"
+    assert "line break or NUL" in reasons[8]
+    with rt.sessions() as s:
+        people = {p.email: p for p in s.scalars(select(Subscriber))}
+    assert set(people) == {"ann@example.org", "zoe@example.org"}
+    assert people["zoe@example.org"].name == "Zoë"
+    assert people["ann@example.org"].attributes == {"city": "Oslo"}
+    assert count(rt, Subscription, Subscription.status == SubscriptionStatus.PENDING) == 2
+
+
+def test_strict_import_writes_nothing_when_a_row_is_bad(rt: Runtime) -> None:
+    with pytest.raises(InvalidInput, match=r"nothing imported .*line 3"):
+        do_import(rt, "email\na@example.org\nbroken\n", strict=True)
+    assert count(rt, Subscriber) == 0
+    assert count(rt, Event) == 0
+
+
+def test_broken_csv_structure_is_one_error_and_writes_nothing(rt: Runtime) -> None:
+    with pytest.raises(InvalidInput, match=r"in\.csv"):
+        do_import(rt, 'email,name\na@example.org,"unterminated\n')
+    with pytest.raises(InvalidInput, match="no 'email' column"):
+        do_import(rt, "mail,name\na@example.org,A\n")
+    with pytest.raises(InvalidInput, match="not UTF-8"):
+        subscriptions.read_text_stream(b"email\n\xff\xfe@x.org\n", "in.csv")
+    assert count(rt, Subscriber) == 0
+
+
+def test_reimport_updates_names_and_confirms_pending(rt: Runtime) -> None:
+    do_import(rt, "email,name\na@example.org,A\nb@example.org,B\n")
+    report = do_import(rt, "email,name\na@example.org,Alice\nb@example.org,B\n", confirmed=True)
+    assert (report.imported, report.updated, report.unchanged) == (0, 2, 0)
+    assert count(rt, Subscription, Subscription.status == SubscriptionStatus.ACTIVE) == 2
+    report = do_import(rt, "email,name\na@example.org,Alice\n", confirmed=True)
+    assert (report.imported, report.updated, report.unchanged) == (0, 0, 1)
+
+
+def test_import_spanning_several_chunks(rt: Runtime) -> None:
+    n = subscriptions.CHUNK * 2 + 17
+    rows = "\n".join(f"user{i}@example.org,User {i}" for i in range(n))
+    report = do_import(rt, "email,name\n" + rows + "\n", confirmed=True)
+    assert report.imported == n and not report.rejected
+    assert count(rt, Subscription, Subscription.status == SubscriptionStatus.ACTIVE) == n
+    assert count(rt, Event, Event.kind == "imported") == n
+
+
+def test_export_defuses_spreadsheet_formulas(rt: Runtime) -> None:
+    do_import(
+        rt,
+        'email,name\nx@example.org,"=HYPERLINK(""http://evil.test"")"\n'
+        "y@example.org,+1 555\nz@example.org,@SUM(A1)\nw@example.org,-2\n",
+    )
+    out = io.StringIO()
+    with rt.sessions() as s:
+        assert subscriptions.export_csv(s, "world", out) == 4
+    rows = list(csv.DictReader(io.StringIO(out.getvalue())))
+    names = {r["email"]: r["name"] for r in rows}
+    assert names["x@example.org"].startswith("'=")
+    assert names["y@example.org"] == "'+1 555"
+    assert names["z@example.org"] == "'@SUM(A1)"
+    assert names["w@example.org"] == "'-2"
+
+
+def test_erased_address_stays_out_of_later_imports(rt: Runtime) -> None:
+    do_import(rt, "email,name\ngone@example.org,Gone\n", confirmed=True)
+    with rt.sessions() as s, s.begin():
+        subscriptions.erase_subscriber(
+            s, "gone@example.org", suppression_key=KEY, source="operator"
+        )
+    assert count(rt, Subscriber) == 0
+    report = do_import(rt, "email\ngone@example.org\n", confirmed=True)
+    assert report.imported == 0
+    assert report.rejected == [(2, "address was erased or suppressed")]

@@ -1,0 +1,42 @@
+"""The Celery app, built from settings. Start it with `newsletter worker`."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from newsletter.config import Settings, get_settings
+
+SEND_QUEUE = "newsletter"
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery(
+        "newsletter",
+        broker=settings.broker_url or "redis://127.0.0.1:6379/0",
+        include=["worker.tasks"],
+    )
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        # A task is acknowledged only when it has finished; if its worker dies, the broker
+        # hands it to another worker. The ledger makes the second run harmless.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=SEND_QUEUE,
+        # Redis redelivers an unacknowledged task after this many seconds. It must exceed
+        # the longest batch and every retry delay (checked in Settings).
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "reconcile-every-minute": {"task": "newsletter.reconcile", "schedule": 60.0},
+        },
+        timezone="UTC",
+    )
+    return app
+
+
+app = make_celery(get_settings())
