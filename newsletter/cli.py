@@ -407,7 +407,14 @@ def issues_send(
         _send_test(issue_id, test_to)
         return
     with transaction() as s:
-        batch_ids = issues.begin_send(s, r.templates, issue_id, batch_size=r.settings.batch_size)
+        batch_ids = issues.begin_send(
+            s,
+            r.templates,
+            issue_id,
+            batch_size=r.settings.batch_size,
+            base_url=r.settings.base_url,
+            postal_address=r.settings.postal_address,
+        )
         total = delivery.delivery_counts(s, issue_id)["queued"]
     typer.echo(f"issue {issue_id}: {total} recipient(s) in {len(batch_ids)} batch(es)", err=True)
     if not r.settings.broker_url:

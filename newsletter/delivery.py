@@ -52,6 +52,7 @@ from newsletter.models import (
     DeliveryStatus,
     Issue,
     IssueStatus,
+    IssueVariant,
     MailingList,
     Subscriber,
     Subscription,
@@ -128,7 +129,13 @@ class PreparedIssue:
     compiled: CompiledMessage
 
 
-def prepare_issue(issue: Issue, mlist: MailingList, *, subject_prefix: str = "") -> PreparedIssue:
+def prepare_issue(
+    issue: Issue,
+    mlist: MailingList,
+    *,
+    subject_prefix: str = "",
+    variant: IssueVariant | None = None,
+) -> PreparedIssue:
     _name, address = parse_from_address(mlist.from_address)
     domain = domain_of(address)
     safe_name = mlist.name.replace('"', "").replace("\\", "")
@@ -142,8 +149,8 @@ def prepare_issue(issue: Issue, mlist: MailingList, *, subject_prefix: str = "")
         from_address=mlist.from_address,
         reply_to=mlist.reply_to,
         list_id=list_id,
-        html=issue.html,
-        text=issue.text,
+        html=variant.html if variant is not None else issue.html,
+        text=variant.text if variant is not None else issue.text,
         message_id_domain=domain,
     )
     return PreparedIssue(
@@ -180,24 +187,26 @@ def build_for(
 
 
 class IssueCache:
-    """Per-process cache of prepared issues (the compiled message is reused by every batch)."""
+    """Per-process cache of prepared issues and variants: each is compiled once per worker
+    process and reused by every batch."""
 
-    def __init__(self, size: int = 8) -> None:
+    def __init__(self, size: int = 32) -> None:
         self.size = size
-        self._items: dict[int, PreparedIssue] = {}
+        self._items: dict[tuple[int, int | None], PreparedIssue] = {}
 
-    def get(self, session: Session, issue_id: int) -> PreparedIssue:
-        prepared = self._items.get(issue_id)
+    def get(self, session: Session, issue_id: int, variant_id: int | None = None) -> PreparedIssue:
+        prepared = self._items.get((issue_id, variant_id))
         if prepared is None:
             issue = session.get(Issue, issue_id)
             if issue is None:
                 raise NotFound(f"unknown issue {issue_id}")
             mlist = session.get(MailingList, issue.list_id)
             assert mlist is not None
-            prepared = prepare_issue(issue, mlist)
+            variant = session.get(IssueVariant, variant_id) if variant_id is not None else None
+            prepared = prepare_issue(issue, mlist, variant=variant)
             if len(self._items) >= self.size:
                 self._items.pop(next(iter(self._items)))
-            self._items[issue_id] = prepared
+            self._items[(issue_id, variant_id)] = prepared
         return prepared
 
 
@@ -224,20 +233,50 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
     if not won:
         session.refresh(issue)
         raise Conflict(f"issue {issue_id} is {issue.status.value}; only a draft can be sent")
-    audience = select(
-        literal(issue_id, Integer()),
-        Subscription.subscriber_id,
-        literal(DeliveryStatus.QUEUED.value, String()),
-        literal(0, Integer()),
-    ).where(Subscription.list_id == issue.list_id, Subscription.status == SubscriptionStatus.ACTIVE)
+    # Each reader is frozen with the variant for their section choice (rendered before
+    # this, in the same transaction, by issues.ensure_variants); NULL: the full digest.
+    audience = (
+        select(
+            literal(issue_id, Integer()),
+            Subscription.subscriber_id,
+            literal(DeliveryStatus.QUEUED.value, String()),
+            literal(0, Integer()),
+            IssueVariant.id,
+        )
+        .select_from(Subscription)
+        .join(
+            IssueVariant,
+            and_(
+                IssueVariant.issue_id == issue_id,
+                IssueVariant.sections_key == Subscription.sections,
+            ),
+            isouter=True,
+        )
+        .where(
+            Subscription.list_id == issue.list_id,
+            Subscription.status == SubscriptionStatus.ACTIVE,
+            Subscription.paused.is_(False),
+        )
+    )
     session.execute(
         insert(DELIVERIES).from_select(
-            ["issue_id", "subscriber_id", "status", "attempts"], audience
+            ["issue_id", "subscriber_id", "status", "attempts", "variant_id"], audience
+        )
+    )
+    empty = select(IssueVariant.id).where(
+        IssueVariant.issue_id == issue_id, IssueVariant.article_count == 0
+    )
+    session.execute(
+        update(DELIVERIES)
+        .where(DELIVERIES.c.issue_id == issue_id, DELIVERIES.c.variant_id.in_(empty))
+        .values(
+            status=DeliveryStatus.SKIPPED.value,
+            last_error="no article in this issue is in the reader's chosen sections",
         )
     )
     starts = (
         select(Delivery.id, func.row_number().over(order_by=Delivery.id).label("rn"))
-        .where(Delivery.issue_id == issue_id)
+        .where(Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.QUEUED)
         .subquery()
     )
     first_ids = list(
@@ -245,7 +284,11 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
             select(starts.c.id).where((starts.c.rn - 1) % batch_size == 0).order_by(starts.c.id)
         )
     )
-    last_id = session.scalar(select(func.max(Delivery.id)).where(Delivery.issue_id == issue_id))
+    last_id = session.scalar(
+        select(func.max(Delivery.id)).where(
+            Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.QUEUED
+        )
+    )
     bounds = [(a, b - 1) for a, b in itertools.pairwise(first_ids)]
     if first_ids:
         assert last_id is not None
@@ -253,7 +296,7 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
     if not bounds:
         issue.status = IssueStatus.SENT
         issue.finished_at = now
-        issue.status_reason = "no confirmed subscribers"
+        issue.status_reason = "nobody to send to (no confirmed reader wants this issue)"
         session.flush()
         return []
     ids = session.scalars(
@@ -277,6 +320,7 @@ class ClaimedDelivery:
     email: str
     name: str | None
     token: str
+    variant_id: int | None = None
 
 
 def claim_batch(
@@ -321,6 +365,7 @@ def claim_batch(
             Subscriber.name,
             Subscription.token,
             Subscription.status,
+            Delivery.variant_id,
         )
         .select_from(Delivery)
         .join(Subscriber, Subscriber.id == Delivery.subscriber_id, isouter=True)
@@ -337,7 +382,7 @@ def claim_batch(
     ).all()
     ready: list[ClaimedDelivery] = []
     skipped: list[dict[str, Any]] = []
-    for delivery_id, email, name, token, status in rows:
+    for delivery_id, email, name, token, status, variant_id in rows:
         if email is None or token is None:
             skipped.append({"b_id": delivery_id, "reason": "subscriber erased before send"})
         elif status != SubscriptionStatus.ACTIVE:
@@ -345,7 +390,7 @@ def claim_batch(
                 {"b_id": delivery_id, "reason": f"{SubscriptionStatus(status).value} before send"}
             )
         else:
-            ready.append(ClaimedDelivery(delivery_id, email, name, token))
+            ready.append(ClaimedDelivery(delivery_id, email, name, token, variant_id))
     if skipped:
         session.execute(
             update(DELIVERIES)
@@ -446,7 +491,7 @@ def send_batch(
             finish_if_done(session, issue_id)
             session.commit()
             return report
-        prepared = cache.get(session, issue_id)
+        by_variant = {v: cache.get(session, issue_id, v) for v in {d.variant_id for d in claimed}}
         started_at = session.scalar(select(Issue.send_started_at).where(Issue.id == issue_id))
         attempts = dict(
             session.execute(
@@ -463,6 +508,7 @@ def send_batch(
             for delivery in claimed:
                 if time.monotonic() - date_at > 1:
                     date, date_at = format_date(), time.monotonic()
+                prepared = by_variant[delivery.variant_id]
                 try:
                     data, message_id = build_for(
                         prepared,

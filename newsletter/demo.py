@@ -108,7 +108,14 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
             max_articles=10,
         )
         issue_id = issue.id
-        batch_ids = issues.begin_send(s, rt.templates, issue_id, batch_size=rt.settings.batch_size)
+        batch_ids = issues.begin_send(
+            s,
+            rt.templates,
+            issue_id,
+            batch_size=rt.settings.batch_size,
+            base_url=rt.settings.base_url,
+            postal_address=rt.settings.postal_address,
+        )
     delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
     preview_dir = Path("preview")
     with rt.sessions() as s, s.begin():

@@ -17,19 +17,27 @@ from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from newsletter.articles import ParsedArticle, summary_for
-from newsletter.compose import DigestArticle, DigestContext, default_subject, render_issue
-from newsletter.delivery import Links, build_for, prepare_issue
+from newsletter.compose import (
+    DigestArticle,
+    DigestContext,
+    RenderedIssue,
+    default_subject,
+    render_issue,
+)
+from newsletter.delivery import Links, build_for, prepare_issue, start_send
 from newsletter.errors import InvalidInput, NotFound
-from newsletter.message import format_date
+from newsletter.message import check_header_value, format_date
 from newsletter.models import (
     Article,
     Issue,
     IssueArticle,
     IssueStatus,
+    IssueVariant,
     MailingList,
     Subscriber,
     Subscription,
     SubscriptionStatus,
+    sections_of,
     utcnow,
 )
 from newsletter.subscriptions import get_list, new_token
@@ -139,8 +147,6 @@ def compose_issue(
         if not subject:
             raise InvalidInput("the subject is empty")
     subject = subject or default_subject(mlist.name, day, digest)
-    from newsletter.message import check_header_value
-
     check_header_value(subject, "subject")
     issue = Issue(
         list_id=mlist.id,
@@ -153,7 +159,30 @@ def compose_issue(
     )
     session.add(issue)
     session.flush()  # the archive link needs the id
-    rendered = render_issue(
+    session.execute(
+        insert(IssueArticle),
+        [
+            {"issue_id": issue.id, "article_id": r.id, "position": i, "summary": a.summary}
+            for i, (r, a) in enumerate(zip(rows, digest, strict=True))
+        ],
+    )
+    rendered = _render(env, mlist, issue, digest, day, base_url, postal_address)
+    issue.html, issue.text = rendered.html, rendered.text
+    ensure_variants(session, env, issue, base_url=base_url, postal_address=postal_address)
+    session.flush()
+    return issue
+
+
+def _render(
+    env: jinja2.Environment,
+    mlist: MailingList,
+    issue: Issue,
+    digest: Sequence[DigestArticle],
+    day: date,
+    base_url: str,
+    postal_address: str,
+) -> RenderedIssue:
+    return render_issue(
         DigestContext(
             list_name=mlist.name,
             list_slug=mlist.slug,
@@ -165,16 +194,78 @@ def compose_issue(
         ),
         env,
     )
-    issue.html, issue.text = rendered.html, rendered.text
-    session.execute(
-        insert(IssueArticle),
-        [
-            {"issue_id": issue.id, "article_id": r.id, "position": i, "summary": a.summary}
-            for i, (r, a) in enumerate(zip(rows, digest, strict=True))
-        ],
+
+
+def issue_digest(session: Session, issue_id: int) -> list[DigestArticle]:
+    """The articles of an issue as they appeared in it, in order."""
+    rows = session.execute(
+        select(Article.section, Article.title, IssueArticle.summary, Article.url)
+        .join(IssueArticle, IssueArticle.article_id == Article.id)
+        .where(IssueArticle.issue_id == issue_id)
+        .order_by(IssueArticle.position)
+    ).all()
+    return [DigestArticle(section=a, title=b, summary=c, url=d) for a, b, c, d in rows]
+
+
+def ensure_variants(
+    session: Session,
+    env: jinja2.Environment,
+    issue: Issue,
+    *,
+    base_url: str,
+    postal_address: str,
+) -> int:
+    """Render one variant per distinct section choice among the issue's audience, not one
+    per reader; choices that select the same articles share one render. A choice that
+    selects no article gets an empty variant: its readers are skipped for this issue.
+    Returns how many variants were added."""
+    keys = set(
+        session.scalars(
+            select(Subscription.sections)
+            .where(
+                Subscription.list_id == issue.list_id,
+                Subscription.status == SubscriptionStatus.ACTIVE,
+                Subscription.paused.is_(False),
+                Subscription.sections.is_not(None),
+            )
+            .distinct()
+        )
     )
+    keys -= set(
+        session.scalars(select(IssueVariant.sections_key).where(IssueVariant.issue_id == issue.id))
+    )
+    if not keys:
+        return 0
+    mlist = session.get(MailingList, issue.list_id)
+    assert mlist is not None
+    digest = issue_digest(session, issue.id)
+    day = (issue.created_at or utcnow()).date()
+    renders: dict[tuple[int, ...], RenderedIssue] = {
+        tuple(range(len(digest))): RenderedIssue(issue.subject, issue.html, issue.text)
+    }
+    for key in sorted(k for k in keys if k is not None):
+        chosen = set(sections_of(key) or [])
+        picked = tuple(i for i, a in enumerate(digest) if a.section in chosen)
+        if not picked:
+            rendered = RenderedIssue(issue.subject, "", "")
+        elif picked in renders:
+            rendered = renders[picked]
+        else:
+            subset = [digest[i] for i in picked]
+            rendered = renders[picked] = _render(
+                env, mlist, issue, subset, day, base_url, postal_address
+            )
+        session.add(
+            IssueVariant(
+                issue_id=issue.id,
+                sections_key=key,
+                article_count=len(picked),
+                html=rendered.html,
+                text=rendered.text,
+            )
+        )
     session.flush()
-    return issue
+    return len(keys)
 
 
 def get_issue(session: Session, issue_id: int) -> Issue:
@@ -256,10 +347,18 @@ def write_preview(
 
 
 def begin_send(
-    session: Session, env: jinja2.Environment, issue_id: int, *, batch_size: int
+    session: Session,
+    env: jinja2.Environment,
+    issue_id: int,
+    *,
+    batch_size: int,
+    base_url: str,
+    postal_address: str,
 ) -> list[int]:
     """Everything `issues send` does before the first message, in the caller's transaction:
-    render any section variant the audience needs, freeze the audience, cut batches."""
-    from newsletter.delivery import start_send
-
+    render any section variant the audience needs (choices made since compose), freeze the
+    audience, cut batches. Returns batch ids to enqueue after commit."""
+    issue = get_issue(session, issue_id)
+    if issue.status == IssueStatus.DRAFT:
+        ensure_variants(session, env, issue, base_url=base_url, postal_address=postal_address)
     return start_send(session, issue_id, batch_size=batch_size)

@@ -669,3 +669,69 @@ def set_preferences(
             detail="; ".join(changes),
         )
     session.flush()
+
+
+# --- the public subscribe form (double opt-in) ---
+
+
+def request_subscription(
+    session: Session,
+    list_slug: str,
+    email: str,
+    *,
+    name: str | None,
+    sections: list[str] | None,
+    suppression_key: str,
+    source: str = "page",
+) -> Subscription | None:
+    """Record a reader's request to join a list; confirmation by link comes later.
+
+    Returns the subscription a confirmation email should go to, or None when none should:
+    the address is already active, complained, or was erased. The caller answers the same
+    in every case, so the form cannot tell who subscribes. Nothing that a stranger could
+    abuse changes: an existing reader's name is never touched, and a reader who left stays
+    out until they confirm the new link (only their section choice is recorded).
+    """
+    mlist = get_list(session, list_slug)
+    address = normalize_email(email)
+    if name is not None:
+        name = check_text(name.strip(), "name") or None
+    for section in sections or []:
+        check_text(section, "section")
+    if is_suppressed(session, address, suppression_key):
+        return None
+    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    if subscriber is None:
+        subscriber = Subscriber(email=address, name=name)
+        session.add(subscriber)
+        session.flush()
+    sub = session.scalar(
+        select(Subscription).where(
+            Subscription.subscriber_id == subscriber.id, Subscription.list_id == mlist.id
+        )
+    )
+    now = utcnow()
+    if sub is None:
+        sub = Subscription(
+            subscriber_id=subscriber.id,
+            list_id=mlist.id,
+            status=SubscriptionStatus.PENDING,
+            token=new_token(),
+            sections=sections_key(sections),
+            soft_bounces=0,
+            paused=False,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(sub)
+        session.flush()
+        log_event(session, "subscribed", source, subscriber_id=subscriber.id, list_id=mlist.id)
+        return sub
+    if sub.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.COMPLAINED):
+        return None
+    key = sections_key(sections)
+    if key != sub.sections:
+        sub.sections = key
+        sub.updated_at = now
+    session.flush()
+    return sub
