@@ -17,7 +17,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from newsletter import delivery, issues, subscriptions
-from newsletter.addresses import parse_from_address
 from newsletter.articles import ArticleParseError, parse_source
 from newsletter.config import ConfigError, get_settings
 from newsletter.db import upgrade
@@ -433,25 +432,16 @@ def issues_send(
 
 
 def _send_test(issue_id: int, address: str) -> None:
-    from newsletter.addresses import normalize_email
     from newsletter.transport import Outcome, session_of
 
     r = rt()
-    email = normalize_email(address)
     with transaction() as s:
-        issue = issues.get_issue(s, issue_id)
-        reader = issues.SampleReader(email, None, subscriptions.new_token())
-        data, _html, _text = issues.build_single(
-            s, issue, r.links, reader, subject_prefix="[TEST] "
-        )
-        mlist = s.get(MailingList, issue.list_id)
-        assert mlist is not None
-        sender = parse_from_address(mlist.from_address)[1]
+        copy = issues.sample_copy(s, issue_id, address, r.links)
     with session_of(r.transport) as conn:
-        res = conn.send(sender, email, data)
+        res = conn.send(copy.sender, copy.recipient, copy.data)
     if res.outcome is not Outcome.SENT:
-        raise NewsletterError(f"test send to {email} failed: {res.describe()}")
-    typer.echo(f"test copy of issue {issue_id} sent to {email} ({res.describe()})")
+        raise NewsletterError(f"test send to {copy.recipient} failed: {res.describe()}")
+    typer.echo(f"test copy of issue {issue_id} sent to {copy.recipient} ({res.describe()})")
 
 
 def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:

@@ -16,6 +16,7 @@ import jinja2
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from newsletter.addresses import normalize_email, parse_from_address
 from newsletter.articles import ParsedArticle, summary_for
 from newsletter.compose import (
     DigestArticle,
@@ -331,6 +332,26 @@ def build_single(
         elif part.get_content_type() == "text/plain":
             text = part.get_content()
     return data, html, text
+
+
+@dataclass(frozen=True)
+class SampleCopy:
+    sender: str
+    recipient: str
+    data: bytes
+
+
+def sample_copy(session: Session, issue_id: int, address: str, links: Links) -> SampleCopy:
+    """The message an operator's test send delivers: the issue as a reader gets it, subject
+    prefixed [TEST], to one address, with links that match no subscription. Sending it
+    changes nothing in the ledger."""
+    email = normalize_email(address)
+    issue = get_issue(session, issue_id)
+    reader = SampleReader(email, None, new_token())
+    data, _html, _text = build_single(session, issue, links, reader, subject_prefix="[TEST] ")
+    mlist = session.get(MailingList, issue.list_id)
+    assert mlist is not None
+    return SampleCopy(parse_from_address(mlist.from_address)[1], email, data)
 
 
 def write_preview(
