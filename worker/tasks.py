@@ -91,3 +91,25 @@ def reconcile() -> int:
     if batch_ids:
         log.warning("reconciler re-enqueued %d batch(es) whose task was lost", len(batch_ids))
     return len(batch_ids)
+
+
+# Confirmation emails (double opt-in): the web app enqueues `newsletter.send_confirmation` by
+# name after the subscription is committed. A temporary SMTP failure is retried with backoff.
+CONFIRMATION_RETRIES = 8
+
+
+@app.task(name="newsletter.send_confirmation", bind=True, max_retries=CONFIRMATION_RETRIES)
+def send_confirmation(self: Task, subscription_id: int) -> str:
+    from newsletter.transport import Outcome
+    from newsletter.web import optin
+
+    rt = runtime()
+    result = optin.send_confirmation(
+        rt.sessions, rt.transport, rt.templates, rt.links, subscription_id
+    )
+    if result is None:
+        return "nothing to send"
+    if result.outcome is Outcome.TEMPORARY and self.request.retries < CONFIRMATION_RETRIES:
+        backoff = rt.settings.retry_base_seconds * 2**self.request.retries
+        raise self.retry(countdown=min(rt.settings.retry_max_seconds, backoff))
+    return result.outcome.value
