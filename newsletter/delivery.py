@@ -6,19 +6,26 @@ running it twice sends nothing twice because a claim only takes rows still `queu
 
 Life of a delivery row (one transition function per cause, no ad-hoc updates elsewhere):
 
-    queued --claim--> claimed --250--> sent
-       ^                 |---4xx/socket--> queued (next_attempt_at = backoff) or failed
-       |                 |---5xx---------> failed (a 5xx at RCPT also bounces the address)
-       +--lease expired--+---unsubscribed since the freeze--> skipped
-    queued --cancel--> cancelled
+    queued --claim_batch--> claimed --250------------------------> sent
+      ^  ^                    |------4xx/552/socket, before the deadline--> queued (backoff)
+      |  |                    |------4xx/552/socket, past the deadline----> failed
+      |  |                    |------other 5xx (at RCPT: also a bounce)---> failed
+      |  |                    |------message cannot be built--------------> failed (parked)
+      |  +---release (paused)-+------unsubscribed/erased since the freeze-> skipped
+      +-----lease expired-----+------release or lease expired (cancelled)-> cancelled
+    queued --cancel_issue--> cancelled
+
+docs/delivery-guarantees.md states what this promises and where SMTP leaves a window.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import random
 import secrets
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +47,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.addresses import domain_of, parse_from_address
@@ -59,14 +67,18 @@ from newsletter.models import (
     SubscriptionStatus,
     utcnow,
 )
+from newsletter.ratelimit import Throttle
 from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, link
-from newsletter.transport import Outcome, SendResult, Transport, session_of
+from newsletter.transport import Outcome, SendResult, Transport, TransportSession, session_of
 
 log = logging.getLogger(__name__)
 
 DELIVERIES = cast(Table, Delivery.__table__)
 PENDING_STATES = (DeliveryStatus.QUEUED, DeliveryStatus.CLAIMED)
+# The database went away for a moment (restart, failover, a killed connection): worth
+# another try on a fresh connection, unlike every other error.
+TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -76,11 +88,23 @@ class DeliveryPolicy:
     retry_max_seconds: float = 1800
     retry_deadline: timedelta = timedelta(hours=24)
     max_consecutive_failures: int = 50
+    # How soon a worker in the middle of a batch notices a pause or a cancel.
+    status_check_seconds: float = 1.0
 
     def backoff(self, attempts: int) -> float:
         """Exponential with full jitter in its upper half: spreads retries of a batch."""
         ceiling = min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(attempts - 1, 0))
         return ceiling / 2 + random.random() * ceiling / 2
+
+    @property
+    def renew_seconds(self) -> float:
+        """A live worker renews its lease this often: three chances before it runs out."""
+        return max(1.0, self.lease_seconds / 3)
+
+    @property
+    def lease_margin(self) -> float:
+        """A worker stops sending this long before its lease would run out unrenewed."""
+        return max(1.0, self.lease_seconds / 10)
 
 
 @dataclass(frozen=True)
@@ -299,16 +323,27 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
         issue.status_reason = "nobody to send to (no confirmed reader wants this issue)"
         session.flush()
         return []
+    # Counted as enqueued from the start: the caller enqueues them right after the commit,
+    # and the reconciler must not race it into enqueuing them a second time.
     ids = session.scalars(
         insert(Batch).returning(Batch.id, sort_by_parameter_order=True),
-        [{"issue_id": issue_id, "first_id": a, "last_id": b} for a, b in bounds],
+        [
+            {"issue_id": issue_id, "first_id": a, "last_id": b, "enqueued_at": now}
+            for a, b in bounds
+        ],
     ).all()
     return list(ids)
 
 
-def mark_enqueued(session: Session, batch_ids: Sequence[int]) -> None:
+def mark_enqueued(
+    session: Session, batch_ids: Sequence[int], *, at: datetime | None = None
+) -> None:
+    """Note when the batches were handed to the broker (`at`: when a delayed task is due), so
+    that the reconciler does not enqueue them again while their task is still out there."""
     if batch_ids:
-        session.execute(update(Batch).where(Batch.id.in_(batch_ids)).values(enqueued_at=utcnow()))
+        session.execute(
+            update(Batch).where(Batch.id.in_(batch_ids)).values(enqueued_at=at or utcnow())
+        )
 
 
 # --- claim ---
@@ -321,6 +356,9 @@ class ClaimedDelivery:
     name: str | None
     token: str
     variant_id: int | None = None
+    attempts: int = 1
+    # The lease expiry written by the claim: also the claim's fencing token (see BatchLease).
+    lease: datetime | None = None
 
 
 def claim_batch(
@@ -333,9 +371,14 @@ def claim_batch(
     if batch is None:
         raise NotFound(f"unknown batch {batch_id}")
     issue_id = batch.issue_id
+    # A claim whose worker died is taken back here as well as by the reconciler: a batch task
+    # that comes back after its worker was killed recovers the batch once the lease is over.
+    expire_leases(session, issue_id=issue_id, id_range=(batch.first_id, batch.last_id))
     now = utcnow()
-    claimed = (
-        session.execute(
+    lease = now + timedelta(seconds=policy.lease_seconds)
+    claimed: dict[int, int] = {
+        row[0]: row[1]
+        for row in session.execute(
             update(DELIVERIES)
             .where(
                 DELIVERIES.c.issue_id == issue_id,
@@ -346,14 +389,12 @@ def claim_batch(
             )
             .values(
                 status=DeliveryStatus.CLAIMED.value,
-                lease_expires_at=now + timedelta(seconds=policy.lease_seconds),
+                lease_expires_at=lease,
                 attempts=DELIVERIES.c.attempts + 1,
             )
-            .returning(DELIVERIES.c.id)
-        )
-        .scalars()
-        .all()
-    )
+            .returning(DELIVERIES.c.id, DELIVERIES.c.attempts)
+        ).all()
+    }
     if not claimed:
         session.commit()
         return batch, []
@@ -377,7 +418,7 @@ def claim_batch(
             ),
             isouter=True,
         )
-        .where(Delivery.id.in_(claimed))
+        .where(Delivery.id.in_(list(claimed)))
         .order_by(Delivery.id)
     ).all()
     ready: list[ClaimedDelivery] = []
@@ -390,7 +431,11 @@ def claim_batch(
                 {"b_id": delivery_id, "reason": f"{SubscriptionStatus(status).value} before send"}
             )
         else:
-            ready.append(ClaimedDelivery(delivery_id, email, name, token, variant_id))
+            ready.append(
+                ClaimedDelivery(
+                    delivery_id, email, name, token, variant_id, claimed[delivery_id], lease
+                )
+            )
     if skipped:
         session.execute(
             update(DELIVERIES)
@@ -406,6 +451,129 @@ def claim_batch(
     return batch, ready
 
 
+# --- the lease of a batch in flight ---
+
+
+class BatchLease:
+    """A batch's hold on its claimed rows while one worker sends it.
+
+    A background thread renews the lease (every `policy.renew_seconds`, while the sending loop
+    makes progress) and reads the issue's status every `policy.status_check_seconds`, so a
+    pause or a cancel stops the batch within about a second. The lease expiry written by the
+    last claim or renewal is also the claim's fencing token: every write back (an outcome, a
+    renewal, a release) only touches rows that still carry it, so a worker that lost its rows
+    to an expired lease can never overwrite the state of whoever took them over.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        batch: Batch,
+        claimed: Sequence[ClaimedDelivery],
+        policy: DeliveryPolicy,
+    ) -> None:
+        self.sessions = sessions
+        self.issue_id = batch.issue_id
+        self.id_range = (batch.first_id, batch.last_id)
+        self.policy = policy
+        self.lock = threading.Lock()
+        # Every value our rows may carry: normally one; two after a renewal whose commit
+        # failed without our knowing whether it landed.
+        self.values: list[datetime] = sorted({d.lease for d in claimed if d.lease is not None})
+        self.owned = {d.id for d in claimed}
+        self.halted: IssueStatus | None = None
+        now = time.monotonic()
+        self.valid_until = now + policy.lease_seconds - policy.lease_margin
+        self._last_progress = now
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"lease-issue-{self.issue_id}", daemon=True
+        )
+
+    def __enter__(self) -> BatchLease:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def progress(self) -> None:
+        """The sending loop is alive. A hung loop stops renewing, and its lease runs out."""
+        self._last_progress = time.monotonic()
+
+    def may_send(self, delivery_id: int) -> bool:
+        with self.lock:
+            return (
+                self.halted is None
+                and time.monotonic() < self.valid_until
+                and delivery_id in self.owned
+            )
+
+    def halt(self, status: IssueStatus) -> None:
+        with self.lock:
+            self.halted = status
+
+    @property
+    def lapsed(self) -> bool:
+        return time.monotonic() >= self.valid_until
+
+    def fenced(self) -> Any:
+        """The SQL condition "this row is still ours"."""
+        return and_(
+            DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
+            DELIVERIES.c.lease_expires_at.in_(self.values),
+        )
+
+    def _run(self) -> None:
+        next_renewal = time.monotonic() + self.policy.renew_seconds
+        while not self._stop.wait(self.policy.status_check_seconds):
+            try:
+                with self.sessions() as session:
+                    status = session.scalar(select(Issue.status).where(Issue.id == self.issue_id))
+                    if status is not IssueStatus.SENDING:
+                        self.halt(status or IssueStatus.CANCELLED)
+                        return
+                    now = time.monotonic()
+                    alive = now - self._last_progress < self.policy.lease_seconds
+                    if now >= next_renewal and alive:
+                        self._renew(session)
+                        next_renewal = time.monotonic() + self.policy.renew_seconds
+            except Exception as exc:  # the database is away: try again next tick
+                log.warning("issue %d: lease check failed (%s); retrying", self.issue_id, exc)
+
+    def _renew(self, session: Session) -> None:
+        with self.lock:
+            started = time.monotonic()
+            new = utcnow() + timedelta(seconds=self.policy.lease_seconds)
+            try:
+                kept = session.scalars(
+                    update(DELIVERIES)
+                    .where(DELIVERIES.c.id.between(*self.id_range), self.fenced())
+                    .values(lease_expires_at=new)
+                    .returning(DELIVERIES.c.id)
+                ).all()
+                session.commit()
+            except Exception:
+                self.values = [*self.values[-2:], new]  # the write may have landed
+                raise
+            self.values = [new]
+            self.owned &= set(kept)
+            self.valid_until = started + self.policy.lease_seconds - self.policy.lease_margin
+
+
+def release_claims(session: Session, lease: BatchLease, from_id: int, to: DeliveryStatus) -> int:
+    """Give back the rows of a batch from `from_id` on that were claimed but never tried:
+    to `queued` (paused; or stopped for any other reason) or `cancelled`. Caller commits."""
+    return _rowcount(
+        session.execute(
+            update(DELIVERIES)
+            .where(DELIVERIES.c.id.between(from_id, lease.id_range[1]), lease.fenced())
+            .values(status=to.value, lease_expires_at=None, attempts=DELIVERIES.c.attempts - 1)
+        )
+    )
+
+
 # --- record ---
 
 
@@ -417,9 +585,16 @@ def record_outcome(
     message_id: str,
     policy: DeliveryPolicy,
     started_at: datetime | None,
-    attempts: int,
-) -> DeliveryStatus:
-    """Write one outcome, only if the row is still ours (claimed). Caller commits."""
+    attempts: int | None = None,
+    lease: Sequence[datetime] | None = None,
+) -> DeliveryStatus | None:
+    """Write one outcome, only if the row is still ours: claimed and, when `lease` is given,
+    still carrying one of those lease values. Returns the new status, or None when the row
+    was no longer ours. Caller commits.
+
+    A temporary failure comes back after a backoff, per recipient; the last try happens at
+    the deadline (`retry_deadline` after the send started) and a failure then is final,
+    with the last reply as the error."""
     now = utcnow()
     values: dict[str, Any] = {
         "smtp_code": outcome.code,
@@ -431,24 +606,68 @@ def record_outcome(
         status = DeliveryStatus.SENT
         values.update(sent_at=now, last_error=None, next_attempt_at=None)
     elif outcome.outcome is Outcome.TEMPORARY:
-        retry_at = now + timedelta(seconds=policy.backoff(attempts))
         deadline = (_aware(started_at) if started_at else now) + policy.retry_deadline
-        if retry_at > deadline:
+        if now >= deadline:
             status = DeliveryStatus.FAILED
-            values.update(last_error=f"gave up at the retry deadline: {outcome.describe()}")
+            values.update(
+                last_error=f"gave up at the retry deadline: {outcome.describe()}",
+                next_attempt_at=None,
+            )
         else:
+            tries = attempts if attempts is not None else delivery.attempts
+            retry_at = min(now + timedelta(seconds=policy.backoff(tries)), deadline)
             status = DeliveryStatus.QUEUED
             values.update(next_attempt_at=retry_at, last_error=f"temporary: {outcome.describe()}")
     else:
         status = DeliveryStatus.FAILED
-        values.update(last_error=f"permanent: {outcome.describe()}")
+        values.update(last_error=f"permanent: {outcome.describe()}", next_attempt_at=None)
     values["status"] = status.value
-    session.execute(
-        update(DELIVERIES)
-        .where(DELIVERIES.c.id == delivery.id, DELIVERIES.c.status == DeliveryStatus.CLAIMED.value)
-        .values(**values)
+    mine = [
+        DELIVERIES.c.id == delivery.id,
+        DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
+    ]
+    if lease is not None:
+        mine.append(DELIVERIES.c.lease_expires_at.in_(list(lease)))
+    done = _rowcount(session.execute(update(DELIVERIES).where(*mine).values(**values)))
+    return status if done else None
+
+
+def note_outcome(
+    session: Session, issue_id: int, *, failed: bool, policy: DeliveryPolicy, error: str = ""
+) -> bool:
+    """Count the issue's consecutive failed deliveries, across every worker (any success
+    resets the count). At `policy.max_consecutive_failures` the issue pauses itself, saying
+    why. Returns True when the issue is to stop here. Caller commits."""
+    if not failed:
+        session.execute(
+            update(Issue)
+            .where(Issue.id == issue_id, Issue.consecutive_failures != 0)
+            .values(consecutive_failures=0)
+            .execution_options(synchronize_session=False)
+        )
+        return False
+    count = session.execute(
+        update(Issue)
+        .where(Issue.id == issue_id)
+        .values(consecutive_failures=Issue.consecutive_failures + 1)
+        .returning(Issue.consecutive_failures)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
+    if count < policy.max_consecutive_failures:
+        return False
+    reason = (
+        f"paused itself after {count} consecutive failed deliveries "
+        f"(limit {policy.max_consecutive_failures}); last error: {error}"
     )
-    return status
+    # No-op if another worker's failure paused it first, or the operator cancelled it: this
+    # batch stops either way.
+    session.execute(
+        update(Issue)
+        .where(Issue.id == issue_id, Issue.status == IssueStatus.SENDING)
+        .values(status=IssueStatus.PAUSED, status_reason=reason[:500])
+        .execution_options(synchronize_session=False)
+    )
+    return True
 
 
 def _bounce(session: Session, list_id: int, delivery: ClaimedDelivery, outcome: SendResult) -> None:
@@ -468,7 +687,10 @@ class BatchReport:
     sent: int = 0
     failed: int = 0
     retrying: int = 0
+    # When this batch next needs a look: its earliest retry, or the lease expiry of rows
+    # someone else holds. None: nothing left in it (or the issue is not sending).
     retry_at: datetime | None = None
+    paused_itself: bool = False
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -480,38 +702,102 @@ def send_batch(
     policy: DeliveryPolicy,
     cache: IssueCache,
     *,
-    throttle: Callable[[], None] | None = None,
+    throttle: Throttle | None = None,
 ) -> BatchReport:
     """Claim a batch, send it over ONE transport session, record each outcome as it goes."""
     with sessions() as session:
         batch, claimed = claim_batch(session, batch_id, policy)
-        issue_id = batch.issue_id
-        report = BatchReport(issue_id=issue_id, claimed=len(claimed))
-        if not claimed:
-            finish_if_done(session, issue_id)
-            session.commit()
-            return report
-        by_variant = {v: cache.get(session, issue_id, v) for v in {d.variant_id for d in claimed}}
-        started_at = session.scalar(select(Issue.send_started_at).where(Issue.id == issue_id))
-        attempts = dict(
-            session.execute(
-                select(Delivery.id, Delivery.attempts).where(
-                    Delivery.id.in_([d.id for d in claimed])
-                )
-            ).all()
-        )
+        report = BatchReport(issue_id=batch.issue_id, claimed=len(claimed))
+        if claimed:
+            _BatchSender(sessions, session, batch, claimed, policy, report).run(
+                transport, links, cache, throttle
+            )
+        report.retry_at = next_check_at(session, batch)
+        finish_if_done(session, batch.issue_id)
         session.commit()
-        streak = 0
-        date = format_date()
-        date_at = time.monotonic()
-        with session_of(transport) as conn:
-            for delivery in claimed:
-                if time.monotonic() - date_at > 1:
-                    date, date_at = format_date(), time.monotonic()
-                prepared = by_variant[delivery.variant_id]
+    return report
+
+
+class _BatchSender:
+    """One batch, one SMTP session: build, throttle, send and record each message in turn."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        session: Session,
+        batch: Batch,
+        claimed: list[ClaimedDelivery],
+        policy: DeliveryPolicy,
+        report: BatchReport,
+    ) -> None:
+        self.sessions = sessions
+        self.session = session
+        self.batch = batch
+        self.claimed = claimed
+        self.policy = policy
+        self.report = report
+        self.lease = BatchLease(sessions, batch, claimed, policy)
+        self.started_at: datetime | None = None
+        self.list_id: int | None = None
+        self.untried = 0  # index of the first delivery not yet handed to the transport
+
+    def run(
+        self, transport: Transport, links: Links, cache: IssueCache, throttle: Throttle | None
+    ) -> None:
+        # Whatever stops the batch, the rows never handed to the transport go back at once
+        # (the one in flight, if any, waits for its lease to run out: it may have arrived).
+        try:
+            prepared = self._prepare(cache)
+            with self.lease, session_of(transport) as conn:
+                self._loop(conn, prepared, links, throttle)
+        finally:
+            if self.untried < len(self.claimed):
+                self._release(self.claimed[self.untried].id)
+
+    def _prepare(self, cache: IssueCache) -> dict[int | None, PreparedIssue | str]:
+        issue_id = self.batch.issue_id
+        prepared: dict[int | None, PreparedIssue | str] = {}
+        for variant_id in {d.variant_id for d in self.claimed}:
+            try:
+                prepared[variant_id] = cache.get(self.session, issue_id, variant_id)
+            except TRANSIENT_DB_ERRORS:
+                raise
+            except Exception as exc:  # a template or header the message builder refuses
+                log.exception("issue %d: cannot prepare variant %s", issue_id, variant_id)
+                prepared[variant_id] = f"cannot build message: {exc}"
+        self.started_at = self.session.scalar(
+            select(Issue.send_started_at).where(Issue.id == issue_id)
+        )
+        self.list_id = self.session.scalar(select(Issue.list_id).where(Issue.id == issue_id))
+        self.session.commit()
+        return prepared
+
+    def _loop(
+        self,
+        conn: TransportSession,
+        prepared: dict[int | None, PreparedIssue | str],
+        links: Links,
+        throttle: Throttle | None,
+    ) -> None:
+        date, date_at = format_date(), time.monotonic()
+        connect_failure_counted = False
+        for index, delivery in enumerate(self.claimed):
+            self.untried = index
+            if not self.lease.may_send(delivery.id):
+                if self.lease.halted is not None or self.lease.lapsed:
+                    return
+                continue  # taken over by another worker after our lease lapsed
+            self.lease.progress()
+            if time.monotonic() - date_at > 1:
+                date, date_at = format_date(), time.monotonic()
+            message_id = ""
+            target = prepared[delivery.variant_id]
+            if isinstance(target, str):
+                outcome = SendResult(Outcome.PERMANENT, 0, target, "build")
+            else:
                 try:
                     data, message_id = build_for(
-                        prepared,
+                        target,
                         links,
                         delivery_id=delivery.id,
                         email=delivery.email,
@@ -519,71 +805,143 @@ def send_batch(
                         token=delivery.token,
                         date=date,
                     )
-                except ValueError as exc:
+                except Exception as exc:
                     # A message that cannot be built will not build next time either: park it.
+                    log.warning("delivery %d: cannot build message: %s", delivery.id, exc)
                     outcome = SendResult(
                         Outcome.PERMANENT, 0, f"cannot build message: {exc}", "build"
                     )
-                    message_id = ""
                 else:
                     if throttle is not None:
-                        throttle()
-                    outcome = conn.send(prepared.envelope_from, delivery.email, data)
-                status = record_outcome(
-                    session,
-                    delivery,
-                    outcome,
-                    message_id=message_id,
-                    policy=policy,
-                    started_at=started_at,
-                    attempts=attempts.get(delivery.id, 1),
-                )
-                if outcome.hard_bounce:
-                    _bounce(session, prepared.list_id, delivery, outcome)
-                session.commit()
-                if status is DeliveryStatus.SENT:
-                    report.sent += 1
-                    streak = 0
-                else:
-                    streak += 1
-                    if status is DeliveryStatus.FAILED:
-                        report.failed += 1
-                    else:
-                        report.retrying += 1
-        _after_batch(session, issue_id, report, streak, policy)
-        report.retry_at = session.scalar(
-            select(func.min(Delivery.next_attempt_at)).where(
-                Delivery.issue_id == issue_id,
-                Delivery.id.between(batch.first_id, batch.last_id),
-                Delivery.status == DeliveryStatus.QUEUED,
-                Delivery.next_attempt_at.is_not(None),
+                        throttle(delivery.email)
+                        if not self.lease.may_send(delivery.id):
+                            return
+                    self.lease.progress()
+                    self.untried = index + 1
+                    outcome = conn.send(target.envelope_from, delivery.email, data)
+            self.lease.progress()
+            # A server that refuses the connection fails the rest of the batch at once with
+            # the same reply: one failure of the server, not one per reader.
+            counted = not (outcome.stage == "connect" and connect_failure_counted)
+            connect_failure_counted |= outcome.stage == "connect"
+            self.untried = index + 1
+            if self._record(delivery, outcome, message_id, counted=counted):
+                self.lease.halt(IssueStatus.PAUSED)
+                return
+        self.untried = len(self.claimed)
+
+    def _record(
+        self, delivery: ClaimedDelivery, outcome: SendResult, message_id: str, *, counted: bool
+    ) -> bool:
+        """Record one outcome (retrying while the database is briefly away, as long as the
+        lease holds). Returns True when this failure made the issue pause itself."""
+        session, report = self.session, self.report
+        delay = 0.2
+        while True:
+            try:
+                with self.lease.lock:
+                    status = record_outcome(
+                        session,
+                        delivery,
+                        outcome,
+                        message_id=message_id,
+                        policy=self.policy,
+                        started_at=self.started_at,
+                        lease=self.lease.values,
+                    )
+                    paused = False
+                    if status is not None:
+                        if outcome.hard_bounce and self.list_id is not None:
+                            _bounce(session, self.list_id, delivery, outcome)
+                        if counted:
+                            paused = note_outcome(
+                                session,
+                                self.batch.issue_id,
+                                failed=status is not DeliveryStatus.SENT,
+                                policy=self.policy,
+                                error=outcome.describe(),
+                            )
+                    session.commit()
+                    self.lease.owned.discard(delivery.id)
+                break
+            except TRANSIENT_DB_ERRORS as exc:
+                with contextlib.suppress(Exception):
+                    session.rollback()
+                if time.monotonic() + delay >= self.lease.valid_until:
+                    raise
+                log.warning("delivery %d: recording failed (%s); retrying", delivery.id, exc)
+                time.sleep(delay)
+                delay = min(2.0, delay * 2)
+        if status is None:
+            log.warning(
+                "delivery %d was taken over after our lease lapsed; not recording %s",
+                delivery.id,
+                outcome.describe(),
             )
-        )
-        finish_if_done(session, issue_id)
-        session.commit()
-    return report
+        elif status is DeliveryStatus.SENT:
+            report.sent += 1
+        elif status is DeliveryStatus.FAILED:
+            report.failed += 1
+        else:
+            report.retrying += 1
+        report.paused_itself |= paused
+        return paused
+
+    def _release(self, from_id: int) -> None:
+        try:
+            with self.sessions() as session, self.lease.lock:
+                status = session.scalar(select(Issue.status).where(Issue.id == self.batch.issue_id))
+                to = (
+                    DeliveryStatus.CANCELLED
+                    if status in (IssueStatus.CANCELLED, None)
+                    else DeliveryStatus.QUEUED
+                )
+                released = release_claims(session, self.lease, from_id, to)
+                session.commit()
+            log.info("issue %d: released %d untried deliveries", self.batch.issue_id, released)
+        except Exception as exc:  # their lease runs out and the reconciler takes them back
+            log.warning("issue %d: could not release claims (%s)", self.batch.issue_id, exc)
 
 
-def _after_batch(
-    session: Session, issue_id: int, report: BatchReport, streak: int, policy: DeliveryPolicy
-) -> None:
-    """Track consecutive failures across batches; pause the issue when they pile up."""
-    if report.sent:
-        value: Any = streak
-    else:
-        value = Issue.consecutive_failures + streak
-    session.execute(update(Issue).where(Issue.id == issue_id).values(consecutive_failures=value))
-    failures = session.scalar(select(Issue.consecutive_failures).where(Issue.id == issue_id)) or 0
-    if failures >= policy.max_consecutive_failures:
-        last = session.scalars(
-            select(Delivery.last_error)
-            .where(Delivery.issue_id == issue_id, Delivery.last_error.is_not(None))
-            .order_by(Delivery.id.desc())
-            .limit(1)
-        ).first()
-        pause_issue(
-            session, issue_id, reason=f"paused after {failures} consecutive failures; last: {last}"
+def next_check_at(session: Session, batch: Batch) -> datetime | None:
+    """When the batch next needs a look: the earliest retry of its queued rows (now, for one
+    due already) or lease expiry of its claimed rows. None if nothing is pending or the
+    issue is not sending."""
+    status = session.scalar(select(Issue.status).where(Issue.id == batch.issue_id))
+    if status is not IssueStatus.SENDING:
+        return None
+    return _next_pending_at(
+        session,
+        Delivery.issue_id == batch.issue_id,
+        Delivery.id.between(batch.first_id, batch.last_id),
+    )
+
+
+def _next_pending_at(session: Session, *where: Any) -> datetime | None:
+    rows = session.execute(
+        select(
+            Delivery.status,
+            func.count(),
+            func.count(Delivery.next_attempt_at),
+            func.min(Delivery.next_attempt_at),
+            func.min(Delivery.lease_expires_at),
         )
+        .where(*where, Delivery.status.in_(PENDING_STATES))
+        .group_by(Delivery.status)
+    ).all()
+    now = utcnow()
+    times: list[datetime] = []
+    for status, total, with_retry, next_attempt, lease in rows:
+        if status == DeliveryStatus.QUEUED:
+            if total > with_retry or next_attempt is None:
+                times.append(now)
+            else:
+                times.append(_aware(next_attempt))
+        elif lease is not None:
+            times.append(_aware(lease))
+        else:
+            times.append(now)
+    return min(times) if times else None
 
 
 def finish_if_done(session: Session, issue_id: int) -> bool:
@@ -610,6 +968,8 @@ def finish_if_done(session: Session, issue_id: int) -> bool:
 
 
 def pause_issue(session: Session, issue_id: int, *, reason: str = "paused by the operator") -> None:
+    """Stop new claims at once; batches in flight stop within about a second and give their
+    untried rows back (see BatchLease)."""
     issue = _issue(session, issue_id)
     if issue.status != IssueStatus.SENDING:
         raise Conflict(
@@ -625,7 +985,9 @@ def pause_issue(session: Session, issue_id: int, *, reason: str = "paused by the
 
 def resume_issue(session: Session, issue_id: int) -> list[int]:
     """Continue a paused issue (or nudge a sending one after a crash): expire dead leases and
-    return every batch that still has queued rows, for the caller to enqueue after commit."""
+    return every batch that still has queued or claimed rows, for the caller to enqueue after
+    commit. A batch whose rows another worker still holds claims nothing and looks again when
+    that lease runs out."""
     issue = _issue(session, issue_id)
     if issue.status not in (IssueStatus.PAUSED, IssueStatus.SENDING):
         raise Conflict(
@@ -638,10 +1000,13 @@ def resume_issue(session: Session, issue_id: int) -> list[int]:
         .execution_options(synchronize_session=False)
     )
     expire_leases(session, issue_id=issue_id)
-    return batches_with_work(session, issue_id=issue_id, due_only=False)
+    return batches_with_work(session, issue_id=issue_id, due_only=False, include_claimed=True)
 
 
 def cancel_issue(session: Session, issue_id: int) -> int:
+    """Cancel what is not sent yet. Rows a live worker holds are cancelled by that worker
+    within about a second (the message in flight, if any, completes); rows of a dead worker
+    when their lease runs out. Returns the rows cancelled now."""
     issue = _issue(session, issue_id)
     if issue.status not in (IssueStatus.SENDING, IssueStatus.PAUSED, IssueStatus.DRAFT):
         raise Conflict(f"issue {issue_id} is {issue.status.value} and cannot be cancelled")
@@ -655,7 +1020,7 @@ def cancel_issue(session: Session, issue_id: int) -> int:
         )
         .execution_options(synchronize_session=False)
     )
-    return _rowcount(
+    cancelled = _rowcount(
         session.execute(
             update(DELIVERIES)
             .where(
@@ -665,23 +1030,45 @@ def cancel_issue(session: Session, issue_id: int) -> int:
             .values(status=DeliveryStatus.CANCELLED.value)
         )
     )
+    return cancelled + expire_leases(session, issue_id=issue_id)
 
 
-def expire_leases(session: Session, *, issue_id: int | None = None) -> int:
-    """Claimed rows whose worker died go back to queued. This is the one place a message can
-    be sent twice: the worker may have had its 250 and died before recording it."""
+def expire_leases(
+    session: Session, *, issue_id: int | None = None, id_range: tuple[int, int] | None = None
+) -> int:
+    """Claimed rows whose worker died go back to queued (to cancelled, if the issue was
+    cancelled meanwhile). This is the one place a message can be sent twice: the worker may
+    have had its 250 and died before recording it."""
     now = utcnow()
-    query = update(DELIVERIES).where(
-        DELIVERIES.c.status == DeliveryStatus.CLAIMED.value, DELIVERIES.c.lease_expires_at < now
-    )
+    expired = [
+        DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
+        DELIVERIES.c.lease_expires_at < now,
+    ]
     if issue_id is not None:
-        query = query.where(DELIVERIES.c.issue_id == issue_id)
-    return _rowcount(
+        expired.append(DELIVERIES.c.issue_id == issue_id)
+    else:  # only unfinished issues can hold claims: lets the (issue_id, status) index serve
+        unfinished = (IssueStatus.SENDING, IssueStatus.PAUSED, IssueStatus.CANCELLED)
+        expired.append(
+            DELIVERIES.c.issue_id.in_(select(Issue.id).where(Issue.status.in_(unfinished)))
+        )
+    if id_range is not None:
+        expired.append(DELIVERIES.c.id.between(*id_range))
+    cancelled_issues = select(Issue.id).where(Issue.status == IssueStatus.CANCELLED)
+    count = _rowcount(
         session.execute(
-            query.values(
+            update(DELIVERIES)
+            .where(*expired, DELIVERIES.c.issue_id.in_(cancelled_issues))
+            .values(status=DeliveryStatus.CANCELLED.value, lease_expires_at=None)
+        )
+    )
+    return count + _rowcount(
+        session.execute(
+            update(DELIVERIES)
+            .where(*expired)
+            .values(
                 status=DeliveryStatus.QUEUED.value,
                 lease_expires_at=None,
-                last_error="lease expired",
+                last_error="lease expired: its worker stopped before recording an outcome",
             )
         )
     )
@@ -693,20 +1080,29 @@ def batches_with_work(
     issue_id: int | None = None,
     due_only: bool = True,
     stale_before: datetime | None = None,
+    include_claimed: bool = False,
 ) -> list[int]:
-    """Batches of sending issues that still hold queued rows (due now, if due_only)."""
+    """Batches of sending issues that still hold queued rows (due now, if due_only), and
+    with include_claimed those with rows under a lease too."""
     now = utcnow()
-    cond = [
-        Delivery.issue_id == Batch.issue_id,
-        Delivery.id.between(Batch.first_id, Batch.last_id),
-        Delivery.status == DeliveryStatus.QUEUED,
-    ]
+    waiting = Delivery.status == DeliveryStatus.QUEUED
     if due_only:
-        cond.append(or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now))
+        waiting = and_(
+            waiting, or_(Delivery.next_attempt_at.is_(None), Delivery.next_attempt_at <= now)
+        )
+    if include_claimed:
+        waiting = or_(waiting, Delivery.status == DeliveryStatus.CLAIMED)
     query = (
         select(Batch.id)
         .join(Issue, Issue.id == Batch.issue_id)
-        .where(Issue.status == IssueStatus.SENDING, exists().where(*cond))
+        .where(
+            Issue.status == IssueStatus.SENDING,
+            exists().where(
+                Delivery.issue_id == Batch.issue_id,
+                Delivery.id.between(Batch.first_id, Batch.last_id),
+                waiting,
+            ),
+        )
         .order_by(Batch.id)
     )
     if issue_id is not None:
@@ -721,6 +1117,18 @@ def reconcile(session: Session, *, requeue_after: timedelta, broker_idle: bool) 
     left, and returns batches to re-enqueue: those with due rows not enqueued for a while,
     only when the broker queue is empty (a busy queue still holds their tasks)."""
     expire_leases(session)
+    # A worker that gave rows back as the operator cancelled may have put them back in the
+    # queue a moment after the cancel swept it.
+    session.execute(
+        update(DELIVERIES)
+        .where(
+            DELIVERIES.c.status == DeliveryStatus.QUEUED.value,
+            DELIVERIES.c.issue_id.in_(
+                select(Issue.id).where(Issue.status == IssueStatus.CANCELLED)
+            ),
+        )
+        .values(status=DeliveryStatus.CANCELLED.value)
+    )
     for issue_id in session.scalars(select(Issue.id).where(Issue.status == IssueStatus.SENDING)):
         finish_if_done(session, issue_id)
     if not broker_idle:
@@ -767,6 +1175,7 @@ def issue_status(session: Session, issue_id: int) -> dict[str, Any]:
         "reason": issue.status_reason,
         "total": sum(counts.values()),
         "counts": counts,
+        "consecutive_failures": issue.consecutive_failures,
         "send_started_at": issue.send_started_at.isoformat() if issue.send_started_at else None,
         "finished_at": issue.finished_at.isoformat() if issue.finished_at else None,
         "last_errors": [{"delivery": i, "error": e} for i, e in errors],
@@ -786,30 +1195,36 @@ def run_in_process(
     *,
     on_batch: Callable[[BatchReport], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
-    throttle: Callable[[], None] | None = None,
+    throttle: Throttle | None = None,
 ) -> None:
-    """Deliver every batch here, then wait for and run retries until nothing is left."""
+    """Deliver every batch here, then wait for and run retries until nothing is left or the
+    issue stops being `sending` (paused, cancelled)."""
     cache = IssueCache()
     todo = list(batch_ids)
-    while todo:
-        retry_at: datetime | None = None
+    while True:
         for batch_id in todo:
             report = send_batch(
                 sessions, batch_id, transport, links, policy, cache, throttle=throttle
             )
             if on_batch:
                 on_batch(report)
-            if report.retry_at and (retry_at is None or report.retry_at < retry_at):
-                retry_at = report.retry_at
         with sessions() as session:
             status = session.scalar(select(Issue.status).where(Issue.id == issue_id))
             if status != IssueStatus.SENDING:
                 return
-            if retry_at is not None:
-                wait = (_aware(retry_at) - utcnow()).total_seconds()
-                if wait > 0:
-                    sleep(wait)
+            expire_leases(session, issue_id=issue_id)
+            session.commit()
             todo = batches_with_work(session, issue_id=issue_id)
+            if todo:
+                continue
+            wake = _next_pending_at(session, Delivery.issue_id == issue_id)
+            if wake is None:
+                finish_if_done(session, issue_id)
+                session.commit()
+                return
+        wait = (wake - utcnow()).total_seconds()
+        if wait > 0:
+            sleep(wait)
 
 
 def _rowcount(result: Any) -> int:

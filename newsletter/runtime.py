@@ -6,7 +6,6 @@ pieces through arguments.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -19,7 +18,7 @@ from newsletter.compose import make_environment
 from newsletter.config import Settings
 from newsletter.db import make_engine, make_sessionmaker
 from newsletter.delivery import DeliveryPolicy, Links
-from newsletter.ratelimit import LocalRateLimiter, RedisRateLimiter
+from newsletter.ratelimit import Throttle, make_throttle
 from newsletter.tokens import LinkSigner
 from newsletter.transport import OutboxTransport, SmtpTransport, Transport
 
@@ -67,12 +66,6 @@ class Runtime:
     def suppression_key(self) -> str:
         return self.settings.secret_keys[0]
 
-    def throttle(self) -> Callable[[], None] | None:
-        rate = self.settings.rate_limit
-        if not rate:
-            return None
-        if self.settings.broker_url.startswith(("redis://", "rediss://")):
-            import redis
-
-            return RedisRateLimiter(redis.Redis.from_url(self.settings.broker_url), rate)
-        return LocalRateLimiter(rate)
+    def throttle(self) -> Throttle | None:
+        s = self.settings
+        return make_throttle(s.rate_limit, s.domain_limits, broker_url=s.broker_url)

@@ -50,11 +50,16 @@ class SendResult:
 
 
 def classify(code: int) -> Outcome:
-    """The one table from SMTP reply codes to outcomes.
+    """The one table from SMTP reply codes to outcomes (docs/delivery-guarantees.md).
 
-    2xx: accepted. 4xx: temporary. 552 (mailbox full / message too big for now): temporary,
-    as RFC 5321 section 4.5.3.1.10 asks clients to treat it. Other 5xx: permanent.
-    Anything else (a broken server): temporary, so a human can look before we give up.
+    | reply                         | outcome   | then                                        |
+    | 2xx                           | sent      |                                             |
+    | 421 (closing the connection)  | temporary | the session reconnects for the next message |
+    | other 4xx                     | temporary | retried with backoff until the deadline     |
+    | 552 (mailbox full, too big)   | temporary | RFC 5321 4.5.3.1.10 asks for this           |
+    | 444: socket error or timeout  | temporary | our own code, as GNU Mailman's; reconnects  |
+    | other 5xx                     | permanent | failed; at RCPT also a hard bounce          |
+    | anything else (broken server) | temporary | so a human can look before we give up       |
     """
     if 200 <= code < 300:
         return Outcome.SENT
@@ -117,9 +122,9 @@ class SmtpTransport:
 
 
 class SmtpSession:
-    """Connects lazily; after a 421 or a dropped connection it reconnects once on the next
-    send. If connecting itself fails, the rest of the batch fails fast with that same
-    temporary result instead of waiting out a timeout per message."""
+    """Connects lazily; after a 421 or a dropped connection it reconnects on the next send.
+    If connecting itself fails, the rest of the batch fails fast with that same temporary
+    result instead of waiting out a timeout per message."""
 
     def __init__(self, config: SmtpConfig, local_hostname: str | None) -> None:
         self.config = config
@@ -153,44 +158,63 @@ class SmtpSession:
     def send(self, sender: str, recipient: str, data: bytes) -> SendResult:
         if self._dead is not None:
             return self._dead
+        reused = self._smtp is not None
+        outcome = self._transaction(sender, recipient, data)
+        if reused and outcome.code == SOCKET_ERROR and outcome.stage == "mail":
+            # The server dropped the connection while it sat idle between two messages
+            # (idle timeout, restart). Nothing of this message left us: try a fresh one.
+            outcome = self._transaction(sender, recipient, data)
+        return outcome
+
+    def _open(self) -> SendResult | None:
+        """Connect; on failure remember why, for the rest of this session."""
+        try:
+            self._smtp = self._connect()
+            return None
+        except smtplib.SMTPConnectError as exc:  # the greeting was not 220, e.g. 421
+            self._dead = result(exc.smtp_code, exc.smtp_error, "connect")
+        except smtplib.SMTPAuthenticationError as exc:
+            # Wrong credentials will not fix themselves per message, but an operator can
+            # fix them: temporary, so the batch retries after the fix.
+            self._dead = SendResult(
+                Outcome.TEMPORARY, exc.smtp_code, "SMTP authentication failed", "connect"
+            )
+        except smtplib.SMTPResponseException as exc:
+            self._dead = result(exc.smtp_code, exc.smtp_error, "connect")
+        except (OSError, smtplib.SMTPException) as exc:
+            self._dead = SendResult(
+                Outcome.TEMPORARY, SOCKET_ERROR, f"connect failed: {exc}", "connect"
+            )
+        return self._dead
+
+    def _transaction(self, sender: str, recipient: str, data: bytes) -> SendResult:
         if self._smtp is None:
-            try:
-                self._smtp = self._connect()
-            except smtplib.SMTPConnectError as exc:
-                self._dead = result(exc.smtp_code, exc.smtp_error, "connect")
-                return self._dead
-            except smtplib.SMTPAuthenticationError as exc:
-                # Wrong credentials will not fix themselves per message, but an operator can
-                # fix them: temporary, so the batch retries after the fix.
-                self._dead = SendResult(
-                    Outcome.TEMPORARY, exc.smtp_code, "SMTP authentication failed", "connect"
-                )
-                return self._dead
-            except smtplib.SMTPResponseException as exc:
-                self._dead = result(exc.smtp_code, exc.smtp_error, "connect")
-                return self._dead
-            except (OSError, smtplib.SMTPException) as exc:
-                self._dead = SendResult(
-                    Outcome.TEMPORARY, SOCKET_ERROR, f"connect failed: {exc}", "connect"
-                )
-                return self._dead
+            failed = self._open()
+            if failed is not None:
+                return failed
         smtp = self._smtp
+        assert smtp is not None
+        stage = "mail"
         try:
             code, reply = smtp.mail(sender)
             if code != 250:
-                return self._refused(code, reply, "mail")
+                return self._refused(code, reply, stage)
+            stage = "rcpt"
             code, reply = smtp.rcpt(recipient)
             if code not in (250, 251):
-                return self._refused(code, reply, "rcpt")
+                return self._refused(code, reply, stage)
+            # From here until the reply to the final "." arrives, the server may have
+            # accepted the message without our knowing: the one window SMTP leaves open.
+            stage = "data"
             code, reply = smtp.data(data)
             if code != 250:
-                return self._refused(code, reply, "data")
-            return result(code, reply, "data")
+                return self._refused(code, reply, stage)
+            return result(code, reply, stage)
         except smtplib.SMTPDataError as exc:  # DATA itself refused (not 354)
-            return self._refused(exc.smtp_code, exc.smtp_error, "data")
+            return self._refused(exc.smtp_code, exc.smtp_error, stage)
         except (OSError, smtplib.SMTPException) as exc:
             self._drop()
-            return SendResult(Outcome.TEMPORARY, SOCKET_ERROR, f"connection lost: {exc}", "data")
+            return SendResult(Outcome.TEMPORARY, SOCKET_ERROR, f"connection lost: {exc}", stage)
 
     def _refused(self, code: int, reply: bytes | str, stage: str) -> SendResult:
         if code == 421:  # the server is closing the connection

@@ -89,6 +89,15 @@ def pg_url(pg_database_url: str) -> str:
     """The session database, emptied for this test."""
     engine = make_engine(pg_database_url)
     with engine.begin() as conn:
+        # A connection a previous test leaked (an unclosed session) would hold locks and make
+        # TRUNCATE wait forever: end them, and fail loudly rather than hang if one remains.
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        )
+        conn.execute(text("SET LOCAL lock_timeout = '20s'"))
         conn.execute(text(f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"))
     engine.dispose()
     return pg_database_url

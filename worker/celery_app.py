@@ -27,9 +27,14 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_default_queue=SEND_QUEUE,
         # Redis redelivers an unacknowledged task after this many seconds. It must exceed
-        # the longest batch and every retry delay (checked in Settings).
+        # every delay a task waits in a worker before it runs: the longest retry delay and
+        # one lease (checked in Settings). A batch that runs longer than this is handed out
+        # again, and the copy claims nothing: the rows are leased in the database.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout},
         broker_connection_retry_on_startup=True,
+        # When Redis goes away, a batch in flight carries on: its rows are leased in the
+        # database, not in the broker. Cancelling it would only cut a message in half.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=False,
         beat_schedule={
             "reconcile-every-minute": {"task": "newsletter.reconcile", "schedule": 60.0},

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from celery import Task
+from kombu.exceptions import ChannelError
 
 from newsletter import delivery
 from newsletter.config import get_settings
+from newsletter.ratelimit import Throttle
 from newsletter.runtime import Runtime
 from worker.celery_app import SEND_QUEUE, app
 
@@ -35,27 +36,31 @@ def enqueue_batches(batch_ids: list[int]) -> None:
         send_batch.apply_async((batch_id,), queue=SEND_QUEUE)
 
 
-@app.task(name="newsletter.send_batch", bind=True)
+# The database went away (restart, failover, killed connections): the ledger still holds every
+# row, so the task comes back shortly instead of being dropped. After these many tries the
+# reconciler takes over.
+DB_RETRIES = 12
+
+
+@app.task(name="newsletter.send_batch", bind=True, max_retries=DB_RETRIES)
 def send_batch(self: Task, batch_id: int) -> dict[str, int]:
     rt = runtime()
-    report = delivery.send_batch(
-        rt.sessions,
-        batch_id,
-        rt.transport,
-        rt.links,
-        rt.policy,
-        issue_cache(),
-        throttle=_throttle(),
-    )
+    try:
+        report = delivery.send_batch(
+            rt.sessions,
+            batch_id,
+            rt.transport,
+            rt.links,
+            rt.policy,
+            issue_cache(),
+            throttle=_throttle(),
+        )
+    except delivery.TRANSIENT_DB_ERRORS as exc:
+        countdown = min(30, 2**self.request.retries)
+        log.warning("batch %d: database unavailable (%s); again in %ds", batch_id, exc, countdown)
+        raise self.retry(exc=exc, countdown=countdown) from None
     if report.retry_at is not None:
-        # Temporary failures come back at their backoff time; the delay is always below the
-        # visibility timeout (Settings refuses a retry_max_seconds that is not).
-        eta = report.retry_at
-        if eta.tzinfo is None:
-            from datetime import UTC
-
-            eta = eta.replace(tzinfo=UTC)
-        send_batch.apply_async((batch_id,), eta=eta + timedelta(seconds=1), queue=SEND_QUEUE)
+        follow_up(batch_id, report.retry_at)
     return {
         "claimed": report.claimed,
         "sent": report.sent,
@@ -64,15 +69,35 @@ def send_batch(self: Task, batch_id: int) -> dict[str, int]:
     }
 
 
+def follow_up(batch_id: int, at: datetime) -> None:
+    """Come back to a batch when it next needs a look: a retry falls due, or the lease of rows
+    another (perhaps dead) worker holds runs out. The delay stays below the visibility
+    timeout: a retry is at most RETRY_MAX_SECONDS away and a lease LEASE_SECONDS (Settings
+    refuses anything else)."""
+    eta = (at if at.tzinfo else at.replace(tzinfo=UTC)) + timedelta(seconds=1)
+    send_batch.apply_async((batch_id,), eta=eta, queue=SEND_QUEUE)
+    try:
+        with runtime().sessions() as session, session.begin():
+            delivery.mark_enqueued(session, [batch_id], at=eta)
+    except delivery.TRANSIENT_DB_ERRORS as exc:  # only a hint for the reconciler
+        log.warning("batch %d: could not note its follow-up (%s)", batch_id, exc)
+
+
 @lru_cache(maxsize=1)
-def _throttle() -> Callable[[], None] | None:
+def _throttle() -> Throttle | None:
     return runtime().throttle()
 
 
 def broker_backlog() -> int:
     """Messages waiting in the send queue (not counting those a worker holds)."""
     with app.connection_for_read() as conn:
-        return int(conn.default_channel.queue_declare(queue=SEND_QUEUE, passive=True).message_count)
+        try:
+            declared = conn.default_channel.queue_declare(queue=SEND_QUEUE, passive=True)
+        except ChannelError:
+            # Redis deletes a list once it is empty, and kombu then reports "no queue": an
+            # empty queue (after a Redis restart, too), the one case the reconciler acts on.
+            return 0
+        return int(declared.message_count)
 
 
 @app.task(name="newsletter.reconcile")
@@ -82,7 +107,8 @@ def reconcile() -> int:
     with rt.sessions() as session:
         batch_ids = delivery.reconcile(
             session,
-            requeue_after=timedelta(seconds=max(60, rt.settings.lease_seconds)),
+            # A task younger than one lease may still sit in a worker's prefetch buffer.
+            requeue_after=timedelta(seconds=rt.settings.lease_seconds),
             broker_idle=backlog == 0,
         )
         delivery.mark_enqueued(session, batch_ids)
