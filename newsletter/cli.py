@@ -39,6 +39,10 @@ app.add_typer(lists_app, name="lists")
 app.add_typer(subs_app, name="subscribers")
 app.add_typer(articles_app, name="articles")
 app.add_typer(issues_app, name="issues")
+dkim_app = typer.Typer(help="DKIM signing keys.", no_args_is_help=True)
+bounces_app = typer.Typer(help="Bounces, complaints and mailed unsubscribes.", no_args_is_help=True)
+app.add_typer(dkim_app, name="dkim")
+app.add_typer(bounces_app, name="bounces")
 
 USER_ERRORS = (NewsletterError, ConfigError, ArticleParseError, HeaderValueError)
 
@@ -506,8 +510,11 @@ def _final(issue_id: int) -> None:
 @issues_app.command("status")
 def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
     """Counts per delivery status, and why the issue stopped if it did."""
+    from newsletter import feedback
+
     with transaction() as s:
         st = delivery.issue_status(s, issue_id)
+        st.setdefault("feedback", feedback.issue_feedback(s, issue_id))
     if as_json:
         out(st)
         return
@@ -515,13 +522,21 @@ def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
     if st["reason"]:
         typer.echo(f"reason: {st['reason']}")
     typer.echo("  ".join(f"{k} {v}" for k, v in st["counts"].items()) + f"  (total {st['total']})")
+    fb = st["feedback"]
+    typer.echo(
+        f"hard bounces {fb['hard_bounces']} ({fb['hard_bounce_rate']:.2%})  "
+        f"soft bounces {fb['soft_bounces']}  complaints {fb['complaints']} "
+        f"({fb['complaint_rate']:.2%})  mailed unsubscribes {fb['unsubscribes']}"
+    )
+    if st["last_errors"]:
+        typer.echo("last errors:")
     for e in st["last_errors"]:
         typer.echo(f"  delivery {e['delivery']}: {e['error']}")
 
 
 @issues_app.command("pause")
 def issues_pause(issue_id: int) -> None:
-    """Stop new batches from being claimed (batches in flight finish)."""
+    """Stop sending: no new claims, and batches in flight stop within about a second."""
     with transaction() as s:
         delivery.pause_issue(s, issue_id)
     typer.echo(f"issue {issue_id} paused; resume with: newsletter issues resume {issue_id}")
@@ -553,6 +568,124 @@ def issues_cancel(issue_id: int) -> None:
     with transaction() as s:
         n = delivery.cancel_issue(s, issue_id)
     typer.echo(f"issue {issue_id} cancelled; {n} delivery(ies) will not be sent")
+
+
+@issues_app.command("check")
+def issues_check(issue_id: int, as_json: JsonOpt = False) -> None:
+    """Build the issue for a sample reader and report every problem; exits 1 if any."""
+    from newsletter import checks, dkim
+
+    r = rt()
+    st = r.settings
+    signer = dkim.signer_from_settings(st.dkim_domain, st.dkim_selector, st.dkim_key_file)
+    with transaction() as s:
+        report = checks.check_issue(
+            s, issue_id, r.links, signer=signer, postal_address=st.postal_address
+        )
+    if as_json:
+        out(report.as_dict())
+    else:
+        signed = "DKIM-signed" if report.signed else "not signed"
+        typer.echo(
+            f"issue {issue_id} for {report.reader}: {report.message_bytes} bytes, "
+            f"html {report.html_bytes / 1024:.1f} KB, {signed}"
+        )
+        for problem in report.problems:
+            typer.echo(f"  {problem}")
+        n = len(report.errors)
+        typer.echo(f"{n} problem(s) found" if n else "no problems found")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+# --- deliverability: DKIM keys, bounces and complaints ---
+
+
+@dkim_app.command("keygen")
+def dkim_keygen(
+    selector: Annotated[str, typer.Option("--selector", help="e.g. news2026")],
+    domain: Annotated[str, typer.Option("--domain", help="The signing domain: your From domain.")],
+    algorithm: Annotated[str, typer.Option("--algorithm", help="rsa (2048 bits) or ed25519.")] = (
+        "rsa"
+    ),
+    key_file: Annotated[
+        Path | None, typer.Option("--out", help="Key file (default SELECTOR.DOMAIN.pem).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing key file.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a new DKIM private key (mode 0600) and print the DNS TXT record to publish."""
+    from newsletter import dkim
+
+    domain, selector = dkim.check_domain(domain), dkim.check_selector(selector)
+    path = key_file or Path(f"{selector}.{domain}.pem")
+    key = dkim.generate_private_key(algorithm)
+    dkim.write_private_key(path, key, overwrite=force)
+    name, value = f"{selector}._domainkey.{domain}", dkim.dns_txt_value(key)
+    if as_json:
+        out({"key_file": str(path.resolve()), "name": name, "type": "TXT", "value": value})
+        return
+    typer.echo(f"wrote the private key to {path} (mode 0600); publish this TXT record:", err=True)
+    typer.echo(dkim.zone_file_line(name, value))
+    typer.echo(
+        f"then set NEWSLETTER_DKIM_DOMAIN={domain} NEWSLETTER_DKIM_SELECTOR={selector} "
+        f"NEWSLETTER_DKIM_KEY_FILE={path.resolve()}",
+        err=True,
+    )
+
+
+@bounces_app.command("ingest")
+def bounces_ingest(
+    paths: Annotated[list[Path], typer.Argument(help=".eml files, or Maildir folders")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Apply returned mail: DSN bounces, ARF complaints, mails to the unsubscribe address."""
+    from newsletter import bounces, feedback
+
+    r = rt()
+    st = r.settings
+    verp = bounces.Verp(st.bounce_domain, st.secret_keys) if st.bounce_domain else None
+    policy = feedback.FeedbackPolicy(
+        soft_bounce_limit=st.soft_bounce_limit,
+        complaint_pause_rate=st.complaint_pause_rate,
+        complaint_pause_min=st.complaint_pause_min,
+    )
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = [p for sub in ("new", "cur") for p in sorted((path / sub).glob("*"))]
+            files += found or sorted(p for p in path.iterdir() if p.is_file())
+        else:
+            files.append(path)
+    results = []
+    for file in files:
+        try:
+            raw = file.read_bytes()
+        except OSError as exc:
+            raise InvalidInput(f"{file}: {exc.strerror}") from None
+        with transaction() as s:
+            applied = feedback.ingest_message(
+                s, raw, signer=r.links.signer, verp=verp, policy=policy
+            )
+        for a in applied:
+            results.append({"file": str(file), **_applied_dict(a)})
+            if not as_json:
+                typer.echo(f"{file}: {a.describe()}")
+    if as_json:
+        out(results)
+
+
+def _applied_dict(a: Any) -> dict[str, Any]:
+    return {
+        "type": a.event.type.value,
+        "source": a.event.source,
+        "status": a.event.status,
+        "outcome": a.outcome.value,
+        "subscriber_id": a.subscriber_id,
+        "delivery_id": a.delivery_id,
+        "issue_id": a.issue_id,
+        "paused_issue": a.paused_issue,
+    }
 
 
 # --- processes ---

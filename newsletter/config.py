@@ -7,6 +7,7 @@ below them receives the values it needs through its constructor or arguments.
 from __future__ import annotations
 
 import logging
+import math
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -18,6 +19,7 @@ log = logging.getLogger(__name__)
 
 DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 - the documented dev default
 REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+VISIBILITY_MARGIN = 60  # seconds between the longest hold of a batch and the visibility timeout
 
 
 class ConfigError(ValueError):
@@ -37,9 +39,18 @@ class Settings(BaseSettings):
     admin_token: SecretStr = SecretStr("")
     batch_size: int = Field(default=500, ge=1, le=100_000)
     rate_limit: float = Field(default=0, ge=0)
+    # Per destination domain, on top of RATE_LIMIT: "gmail.com=50,yahoo.com=20" (messages per
+    # second across all workers; a domain's subdomains share its budget).
+    domain_rate_limits: str = ""
     dkim_domain: str = ""
     dkim_selector: str = ""
     dkim_key_file: str = ""
+    # VERP: the envelope sender of each delivery is bounces+ID-MAC@BOUNCE_DOMAIN, so a bounce
+    # names its delivery even when the report itself is mangled. Empty: the From address.
+    bounce_domain: str = ""
+    soft_bounce_limit: int = Field(default=5, ge=1)
+    complaint_pause_rate: float = Field(default=0.003, ge=0, le=1)
+    complaint_pause_min: int = Field(default=1, ge=1)
     postal_address: str = "Newsletter Desk, 1 Example Street, Example City"
     templates_dir: Path = REPO_TEMPLATES
 
@@ -62,18 +73,47 @@ class Settings(BaseSettings):
             raise ValueError("BASE_URL must start with http:// or https://")
         return value.rstrip("/")
 
+    @field_validator("domain_rate_limits")
+    @classmethod
+    def _check_domain_limits(cls, value: str) -> str:
+        parse_domain_limits(value)  # raises with the offending item
+        return value
+
+    @field_validator("dkim_domain", "bounce_domain")
+    @classmethod
+    def _idna_domain(cls, value: str) -> str:
+        """Lower-cased A-labels (IDNA), as DKIM d= and the envelope need them."""
+        if not value.strip():
+            return ""
+        from newsletter.dkim import check_domain
+
+        return check_domain(value, "domain")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.env == "production" and self.secret_key.get_secret_value() == DEV_SECRET_KEY:
             raise ValueError("NEWSLETTER_SECRET_KEY must be set when NEWSLETTER_ENV=production")
-        longest_hold = max(self.lease_seconds, self.retry_max_seconds)
-        if self.broker_url and longest_hold >= self.visibility_timeout:
+        if self.retry_base_seconds > self.retry_max_seconds:
+            raise ValueError(
+                f"NEWSLETTER_RETRY_BASE_SECONDS ({self.retry_base_seconds:g}s) must not exceed "
+                f"NEWSLETTER_RETRY_MAX_SECONDS ({self.retry_max_seconds:g}s)"
+            )
+        # A batch task waits in a worker (unacknowledged) for at most the longest retry delay
+        # or one lease before it runs again; Redis hands an unacknowledged task to another
+        # worker after the visibility timeout. Keep a margin for a busy worker's pool.
+        longest_hold = max(self.lease_seconds, self.retry_max_seconds) + VISIBILITY_MARGIN
+        if self.broker_url and longest_hold > self.visibility_timeout:
             raise ValueError(
                 f"NEWSLETTER_VISIBILITY_TIMEOUT ({self.visibility_timeout}s) must exceed the "
-                f"lease and the longest retry delay ({longest_hold:g}s), or Redis would "
-                "hand a held batch to a second worker"
+                "lease and the longest retry delay by at least "
+                f"{VISIBILITY_MARGIN}s (so at least {longest_hold:g}s), or Redis would hand "
+                "a held batch to a second worker"
             )
         return self
+
+    @property
+    def domain_limits(self) -> dict[str, float]:
+        return parse_domain_limits(self.domain_rate_limits)
 
     @property
     def secret_keys(self) -> list[str]:
@@ -87,6 +127,27 @@ class Settings(BaseSettings):
     def smtp(self) -> SmtpConfig | None:
         raw = self.smtp_url.get_secret_value()
         return SmtpConfig.parse(raw, timeout=self.smtp_timeout) if raw else None
+
+
+def parse_domain_limits(text: str) -> dict[str, float]:
+    """Parse DOMAIN_RATE_LIMITS: "gmail.com=50,yahoo.com=20" -> {"gmail.com": 50.0, ...}."""
+    limits: dict[str, float] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        domain, sep, rate = item.partition("=")
+        domain = domain.strip().lower().rstrip(".")
+        try:
+            value = float(rate) if sep else 0.0
+        except ValueError:
+            value = 0.0
+        if not domain or "@" in domain or " " in domain or not 0 < value < math.inf:
+            raise ValueError(
+                f"NEWSLETTER_DOMAIN_RATE_LIMITS: {item!r} is not DOMAIN=MESSAGES_PER_SECOND "
+                "(e.g. gmail.com=50,yahoo.com=20)"
+            )
+        limits[domain] = value
+    return limits
 
 
 class SmtpConfig:

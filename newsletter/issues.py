@@ -144,6 +144,9 @@ def compose_issue(
     ]
     day = today or utcnow().date()
     if subject is not None:
+        # An operator's subject with a line break is refused, not flattened: it is what a
+        # header injection looks like (CVE-2024-6923).
+        check_header_value(subject, "subject")
         subject = " ".join(subject.split())
         if not subject:
             raise InvalidInput("the subject is empty")

@@ -16,7 +16,11 @@ The message (RFC 5322 / MIME):
 * multipart/alternative: text/plain (quoted-printable), then text/html (7bit: non-ASCII
   written as numeric character references and lines wrapped at spaces; quoted-printable
   instead when some line cannot be wrapped, e.g. a long run of CJK text);
-* every line ends in CRLF and is at most 998 octets.
+* every line ends in CRLF and is at most 998 octets;
+* a DKIM-Signature field first when the message is compiled with a signer
+  (:meth:`CompiledMessage.compile` ``dkim=``, or :meth:`CompiledMessage.signed_by`): the
+  body canonicalization is done once per issue, per message only the private-key operation
+  and a few short values (see :mod:`newsletter.dkim`).
 
 Per-recipient values: the reader's name (``NAME_FALLBACK`` when there is none; HTML-escaped
 in the html part, plain in the text part, at most ``MAX_NAME_CHARS`` characters), the
@@ -35,9 +39,12 @@ import time
 from dataclasses import dataclass
 from email import policy as email_policy
 from email.utils import format_datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from newsletter import placeholders
+
+if TYPE_CHECKING:
+    from newsletter.dkim import BodyHashPlan, DkimSigner
 
 NAME_FALLBACK: Final = "there"
 """Greeting word used when a reader has no name: "Hello there,"."""
@@ -194,6 +201,12 @@ class CompiledMessage:
     """One issue's message, ready to be built for each recipient."""
 
     __slots__ = (
+        "_dkim",
+        "_dkim_first_body",
+        "_dkim_head_index",
+        "_dkim_head_tail",
+        "_dkim_memo",
+        "_dkim_plan",
         "_html_7bit",
         "_needs_html_name",
         "_needs_html_urls",
@@ -225,10 +238,54 @@ class CompiledMessage:
         self._needs_text_urls = bool(kinds & {_TEXT_UNSUBSCRIBE, _TEXT_PREFERENCES})
         self._needs_html_name = _HTML_NAME in kinds
         self._needs_html_urls = bool(kinds & {_HTML_UNSUBSCRIBE, _HTML_PREFERENCES})
+        self._dkim: DkimSigner | None = None
+        self._dkim_plan: BodyHashPlan | None = None
+        self._dkim_head_index = 0
+        self._dkim_head_tail = b""
+        self._dkim_first_body = b""
+        self._dkim_memo: dict[bytes, tuple[bytes, bytes]] = {}
+
+    @property
+    def dkim(self) -> DkimSigner | None:
+        """The signer every built message is signed with, if any."""
+        return self._dkim
+
+    def signed_by(self, signer: DkimSigner | None) -> CompiledMessage:
+        """This message, built signed by ``signer`` (None: unsigned). The per-issue half of
+        the signing (the relaxed canonicalization of every constant body chunk) is done
+        here, once."""
+        twin = CompiledMessage(
+            self._parts,
+            self._slots,
+            self.boundary,
+            self.html_transfer_encoding,
+            self.message_id_domain,
+        )
+        if signer is None:
+            return twin
+        slot_at = {index for index, _kind in self._slots}
+        # The header block ends in the first constant part holding the blank line; the
+        # last header slot (the mailto URI) comes before it, every body slot after it.
+        head_index = next(
+            i for i, p in enumerate(self._parts) if i not in slot_at and b"\r\n\r\n" in p
+        )
+        split = self._parts[head_index].index(b"\r\n\r\n")
+        assert all((index < head_index) == (kind <= _MAILTO_HEADER) for index, kind in self._slots)
+        twin._dkim = signer
+        twin._dkim_head_index = head_index
+        twin._dkim_head_tail = self._parts[head_index][: split + 2]
+        twin._dkim_first_body = self._parts[head_index][split + 4 :]
+        chunks: list[bytes | None] = [twin._dkim_first_body]
+        for index in range(head_index + 1, len(self._parts)):
+            chunks.append(None if index in slot_at else self._parts[index])
+        twin._dkim_plan = signer.body_plan(chunks)
+        return twin
 
     @classmethod
-    def compile(cls, spec: IssueMessageSpec) -> CompiledMessage:
-        """Do all per-issue work; raise HeaderValueError for an unusable header value."""
+    def compile(cls, spec: IssueMessageSpec, *, dkim: DkimSigner | None = None) -> CompiledMessage:
+        """Do all per-issue work; raise HeaderValueError for an unusable header value.
+
+        With ``dkim``, every message :meth:`build` returns is DKIM-signed."""
         subject = " ".join(check_header_value(spec.subject, "subject").split())
         if not subject:
             raise HeaderValueError("subject must not be empty")
@@ -299,7 +356,8 @@ class CompiledMessage:
             closing,
         ]
         parts, slots = _merge(sequence)
-        return cls(parts, slots, boundary, html_encoding, domain)
+        compiled = cls(parts, slots, boundary, html_encoding, domain)
+        return compiled.signed_by(dkim) if dkim is not None else compiled
 
     def build(self, recipient: Recipient, *, date: str) -> bytes:
         """The complete message for one recipient (RFC 5322 bytes, CRLF line endings).
@@ -362,7 +420,23 @@ class CompiledMessage:
         parts = self._parts.copy()
         for index, kind in self._slots:
             parts[index] = values[kind]
-        return b"".join(parts)
+        if self._dkim is None:
+            return b"".join(parts)
+        return self._sign(parts)
+
+    def _sign(self, parts: list[bytes]) -> bytes:
+        assert self._dkim is not None
+        at = self._dkim_head_index
+        head = b"".join(parts[:at]) + self._dkim_head_tail
+        pieces = [self._dkim_first_body, *parts[at + 1 :]]
+        if self._dkim_plan is not None:
+            digest = self._dkim_plan.digest(pieces)
+        else:  # pragma: no cover - a body that ends in a per-recipient value
+            from newsletter.dkim import body_hash
+
+            digest = body_hash(b"".join(pieces))
+        signature = self._dkim.signature_header(head, digest, memo=self._dkim_memo)
+        return b"".join((signature, *parts))
 
 
 # --- headers ---------------------------------------------------------------------------

@@ -261,6 +261,34 @@ class Delivery(Base):
     message_id: Mapped[str | None] = mapped_column(String(255))
 
 
+class BounceEvent(Base):
+    """One bounce, complaint or mailed unsubscribe as applied (newsletter.feedback). The
+    unique key makes the same event twice change nothing; what was done is in outcome."""
+
+    __tablename__ = "bounce_events"
+    __table_args__ = (
+        Index("ix_bounce_events_subscription_kind", "subscription_id", "kind", "delivery_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))  # bounces.EventType
+    source: Mapped[str] = mapped_column(String(20))  # dsn, arf, text, mailto, webhook
+    outcome: Mapped[str] = mapped_column(String(20))  # feedback.Outcome
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    issue_id: Mapped[int | None] = mapped_column(
+        ForeignKey("issues.id", ondelete="CASCADE"), index=True
+    )
+    delivery_id: Mapped[int | None] = mapped_column(
+        ForeignKey("deliveries.id", ondelete="SET NULL")
+    )
+    subscription_id: Mapped[int | None] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="SET NULL")
+    )
+    status: Mapped[str | None] = mapped_column(String(16))  # enhanced status, e.g. 5.1.1
+    detail: Mapped[str | None] = mapped_column(String(500))  # addresses redacted
+
+
 def sections_key(sections: list[str] | None) -> str | None:
     """Canonical form of a section choice: sorted, de-duplicated, case kept. None: all."""
     if sections is None:

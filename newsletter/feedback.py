@@ -1,0 +1,478 @@
+"""Apply bounces, complaints and mailed unsubscribes to the subscriptions (the policy).
+
+The events come from :mod:`newsletter.bounces` (pure); this module finds whom they are about
+and decides, inside the caller's transaction (it flushes, never commits):
+
+* one hard bounce suppresses the address at once: every active or pending subscription of
+  the subscriber becomes ``bounced`` (the address does not work, whatever the list);
+* one complaint suppresses at once the list it was about (``complained``), every list when
+  the report does not say which; and a send whose complaint rate passes
+  ``FeedbackPolicy.complaint_pause_rate`` (0.3 %, the Gmail and Yahoo ceiling) pauses itself;
+* soft bounces count, per subscription; the ``soft_bounce_limit``-th (5) without a delivery
+  in between suppresses (``bounced``). A delivery in between means a later message to the
+  reader that was sent and drew no bounce, or a positive DSN; either resets the count;
+* a mail to the List-Unsubscribe ``mailto:`` whose signed token verifies unsubscribes;
+* the same event twice changes nothing: each is recorded under a unique key in
+  ``bounce_events`` (per delivery and kind when the delivery is known, else per report).
+
+Every status change goes through :func:`newsletter.subscriptions.set_status`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from newsletter.bounces import EventType, FeedbackEvent, Verp, parse, redact
+from newsletter.models import (
+    BounceEvent,
+    Delivery,
+    DeliveryStatus,
+    Issue,
+    IssueStatus,
+    MailingList,
+    Subscriber,
+    Subscription,
+    SubscriptionStatus,
+)
+from newsletter.subscriptions import set_status
+from newsletter.tokens import LinkSigner, Purpose, TokenError
+
+_OUR_MESSAGE_ID_PREFIX = "<d"
+
+
+class Outcome(enum.StrEnum):
+    """What applying one event did."""
+
+    SUPPRESSED = "suppressed"  # a subscription became bounced or complained
+    COUNTED = "counted"  # a soft bounce was counted, below the limit
+    UNSUBSCRIBED = "unsubscribed"  # the mailto unsubscribe took effect
+    RESET = "reset"  # a positive DSN reset the soft-bounce count
+    UNCHANGED = "unchanged"  # understood and matched, but already in that state
+    DUPLICATE = "duplicate"  # the same event was applied before
+    UNMATCHED = "unmatched"  # about nobody we know (or a token that does not verify)
+    IGNORED = "ignored"  # not actionable: auto-reply, delay warning, unknown mail
+
+
+@dataclass(frozen=True)
+class FeedbackPolicy:
+    soft_bounce_limit: int = 5
+    complaint_pause_rate: float = 0.003
+    complaint_pause_min: int = 1
+
+
+@dataclass
+class AppliedEvent:
+    event: FeedbackEvent
+    outcome: Outcome
+    subscriber_id: int | None = None
+    issue_id: int | None = None
+    delivery_id: int | None = None
+    paused_issue: bool = False
+    changed: list[int] = field(default_factory=list)  # subscription ids whose status changed
+
+    def describe(self) -> str:
+        who = f"subscriber {self.subscriber_id}" if self.subscriber_id else "nobody known"
+        where = f", delivery {self.delivery_id}" if self.delivery_id else ""
+        status = f" {self.event.status}" if self.event.status else ""
+        paused = f"; issue {self.issue_id} paused" if self.paused_issue else ""
+        return f"{self.event.type.value}{status} ({self.event.source}) for {who}{where}: " + (
+            f"{self.outcome.value}{paused}"
+        )
+
+
+@dataclass(frozen=True)
+class _Target:
+    subscriber_id: int | None
+    list_id: int | None  # None: the report does not say which list
+    issue_id: int | None
+    delivery_id: int | None
+
+
+def ingest_message(
+    session: Session,
+    raw: bytes,
+    *,
+    signer: LinkSigner,
+    verp: Verp | None = None,
+    policy: FeedbackPolicy | None = None,
+    source: str | None = None,
+) -> list[AppliedEvent]:
+    """Parse one returned mail and apply every event it carries."""
+    return [
+        apply_event(session, event, signer=signer, policy=policy, source=source)
+        for event in parse(raw, verp=verp)
+    ]
+
+
+def apply_event(
+    session: Session,
+    event: FeedbackEvent,
+    *,
+    signer: LinkSigner,
+    policy: FeedbackPolicy | None = None,
+    source: str | None = None,
+) -> AppliedEvent:
+    """Apply one event (see the module docstring for the policy). Flushes, no commit."""
+    policy = policy or FeedbackPolicy()
+    if not event.actionable:
+        return AppliedEvent(event, Outcome.IGNORED)
+    target = _find_target(session, event, signer)
+    applied = AppliedEvent(
+        event,
+        Outcome.UNMATCHED,
+        subscriber_id=target.subscriber_id,
+        issue_id=target.issue_id,
+        delivery_id=target.delivery_id,
+    )
+    key = _event_key(event, target)
+    if session.scalar(select(BounceEvent.id).where(BounceEvent.key == key)) is not None:
+        applied.outcome = Outcome.DUPLICATE
+        return applied
+    record = BounceEvent(
+        key=key,
+        kind=event.type.value,
+        source=(source or event.source)[:20],
+        outcome=Outcome.UNMATCHED.value,
+        issue_id=target.issue_id,
+        delivery_id=target.delivery_id,
+        status=event.status,
+        detail=redact(event.diagnostic),
+    )
+    try:
+        with session.begin_nested():
+            session.add(record)
+            session.flush()
+    except IntegrityError:  # the same event applied concurrently
+        applied.outcome = Outcome.DUPLICATE
+        return applied
+    if target.subscriber_id is not None:
+        subscriptions = _subscriptions(session, target, event.type)
+        if subscriptions:
+            record.subscription_id = subscriptions[0].id
+        applied.outcome = _APPLY[event.type](session, event, target, subscriptions, policy, applied)
+    record.outcome = applied.outcome.value
+    if (
+        event.type is EventType.COMPLAINT
+        and target.issue_id is not None
+        and complaint_rate_exceeded(session, target.issue_id, policy) is not None
+    ):
+        applied.paused_issue = _pause(session, target.issue_id, policy)
+    session.flush()
+    return applied
+
+
+# --- whom an event is about ----------------------------------------------------------------------
+
+
+def _find_target(session: Session, event: FeedbackEvent, signer: LinkSigner) -> _Target:
+    """The delivery (VERP, then our Message-ID), the signed unsubscribe token, or the
+    recipient address, in that order of trust."""
+    delivery = None
+    if event.delivery_id is not None:
+        delivery = session.get(Delivery, event.delivery_id)
+    if delivery is None and event.message_id:
+        delivery = _delivery_by_message_id(session, event.message_id)
+    if delivery is not None and delivery.subscriber_id is not None:
+        list_id = session.scalar(select(Issue.list_id).where(Issue.id == delivery.issue_id))
+        return _Target(delivery.subscriber_id, list_id, delivery.issue_id, delivery.id)
+    if event.unsubscribe_token:
+        sub = _subscription_by_signed_token(session, signer, event.unsubscribe_token)
+        if sub is not None:
+            return _Target(sub.subscriber_id, sub.list_id, None, None)
+        if event.type is EventType.UNSUBSCRIBE:
+            return _Target(None, None, None, None)  # only a genuine token unsubscribes
+    if event.recipient:
+        subscriber_id = session.scalar(
+            select(Subscriber.id).where(Subscriber.email == event.recipient)
+        )
+        if subscriber_id is not None:
+            return _Target(subscriber_id, _list_by_list_id(session, event.list_id), None, None)
+    return _Target(None, None, None, None)
+
+
+def _delivery_by_message_id(session: Session, message_id: str) -> Delivery | None:
+    """Our Message-IDs are <d{delivery id}.{issue nonce}@domain>: the nonce must match."""
+    if not message_id.startswith(_OUR_MESSAGE_ID_PREFIX):
+        return None
+    left = message_id[2:].partition("@")[0]
+    number, _, nonce = left.partition(".")
+    if not number.isdigit() or not nonce:
+        return None
+    delivery = session.get(Delivery, int(number))
+    if delivery is None:
+        return None
+    issue_nonce = session.scalar(select(Issue.nonce).where(Issue.id == delivery.issue_id))
+    return delivery if issue_nonce == nonce else None
+
+
+def _subscription_by_signed_token(
+    session: Session, signer: LinkSigner, signed: str
+) -> Subscription | None:
+    try:
+        token = signer.unsign(Purpose.UNSUBSCRIBE, signed)
+    except TokenError:
+        return None
+    return session.scalar(select(Subscription).where(Subscription.token == token))
+
+
+def _list_by_list_id(session: Session, list_id: str | None) -> int | None:
+    """A List-Id identifier is <slug.domain> (delivery.prepare_issue)."""
+    if not list_id:
+        return None
+    slug = list_id.partition(".")[0]
+    return session.scalar(select(MailingList.id).where(MailingList.slug == slug))
+
+
+def _subscriptions(session: Session, target: _Target, kind: EventType) -> list[Subscription]:
+    """The subscriptions an event acts on: the list's, or (hard bounces, and reports that do
+    not say which list) every one of the subscriber's."""
+    query = select(Subscription).where(Subscription.subscriber_id == target.subscriber_id)
+    if target.list_id is not None and kind is not EventType.HARD_BOUNCE:
+        query = query.where(Subscription.list_id == target.list_id)
+    return list(session.scalars(query.order_by(Subscription.id)))
+
+
+def _event_key(event: FeedbackEvent, target: _Target) -> str:
+    if target.delivery_id is not None and event.type is not EventType.UNSUBSCRIBE:
+        identity = f"{event.type.value}|delivery|{target.delivery_id}"
+    else:
+        who = target.subscriber_id if target.subscriber_id is not None else event.recipient
+        identity = f"{event.type.value}|{who}|{event.report_id}"
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()
+
+
+# --- the policy ----------------------------------------------------------------------------------
+
+_LIVE = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
+
+
+def _hard_bounce(
+    session: Session,
+    event: FeedbackEvent,
+    target: _Target,
+    subscriptions: Sequence[Subscription],
+    policy: FeedbackPolicy,
+    applied: AppliedEvent,
+) -> Outcome:
+    for sub in subscriptions:
+        if sub.status in _LIVE and set_status(session, sub, SubscriptionStatus.BOUNCED, "bounce"):
+            applied.changed.append(sub.id)
+    return Outcome.SUPPRESSED if applied.changed else Outcome.UNCHANGED
+
+
+def _complaint(
+    session: Session,
+    event: FeedbackEvent,
+    target: _Target,
+    subscriptions: Sequence[Subscription],
+    policy: FeedbackPolicy,
+    applied: AppliedEvent,
+) -> Outcome:
+    for sub in subscriptions:
+        if sub.status != SubscriptionStatus.COMPLAINED and set_status(
+            session, sub, SubscriptionStatus.COMPLAINED, "complaint"
+        ):
+            applied.changed.append(sub.id)
+    return Outcome.SUPPRESSED if applied.changed else Outcome.UNCHANGED
+
+
+def _soft_bounce(
+    session: Session,
+    event: FeedbackEvent,
+    target: _Target,
+    subscriptions: Sequence[Subscription],
+    policy: FeedbackPolicy,
+    applied: AppliedEvent,
+) -> Outcome:
+    outcome = Outcome.UNCHANGED
+    for sub in subscriptions:
+        if sub.status not in _LIVE:
+            continue
+        if target.delivery_id is not None and _delivered_since_last_soft_bounce(
+            session, sub, target.delivery_id
+        ):
+            sub.soft_bounces = 0
+        sub.soft_bounces = (sub.soft_bounces or 0) + 1
+        outcome = Outcome.COUNTED
+        if sub.soft_bounces >= policy.soft_bounce_limit and set_status(
+            session, sub, SubscriptionStatus.BOUNCED, "soft-bounces"
+        ):
+            applied.changed.append(sub.id)
+    session.flush()
+    return Outcome.SUPPRESSED if applied.changed else outcome
+
+
+def _delivered(
+    session: Session,
+    event: FeedbackEvent,
+    target: _Target,
+    subscriptions: Sequence[Subscription],
+    policy: FeedbackPolicy,
+    applied: AppliedEvent,
+) -> Outcome:
+    reset = False
+    for sub in subscriptions:
+        if sub.soft_bounces:
+            sub.soft_bounces = 0
+            reset = True
+    session.flush()
+    return Outcome.RESET if reset else Outcome.UNCHANGED
+
+
+def _unsubscribe(
+    session: Session,
+    event: FeedbackEvent,
+    target: _Target,
+    subscriptions: Sequence[Subscription],
+    policy: FeedbackPolicy,
+    applied: AppliedEvent,
+) -> Outcome:
+    for sub in subscriptions:
+        if sub.status in _LIVE and set_status(
+            session, sub, SubscriptionStatus.UNSUBSCRIBED, "mailto"
+        ):
+            applied.changed.append(sub.id)
+    return Outcome.UNSUBSCRIBED if applied.changed else Outcome.UNCHANGED
+
+
+_APPLY = {
+    EventType.HARD_BOUNCE: _hard_bounce,
+    EventType.COMPLAINT: _complaint,
+    EventType.SOFT_BOUNCE: _soft_bounce,
+    EventType.DELIVERED: _delivered,
+    EventType.UNSUBSCRIBE: _unsubscribe,
+}
+
+
+def record_delivered(session: Session, subscription_ids: Iterable[int]) -> int:
+    """Reset the soft-bounce count of subscriptions known to have received a message (a
+    provider's delivery webhook). Returns how many had a count."""
+    ids = list(subscription_ids)
+    if not ids:
+        return 0
+    subs = session.scalars(
+        select(Subscription).where(Subscription.id.in_(ids), Subscription.soft_bounces > 0)
+    ).all()
+    for sub in subs:
+        sub.soft_bounces = 0
+    session.flush()
+    return len(subs)
+
+
+def _delivered_since_last_soft_bounce(
+    session: Session, sub: Subscription, delivery_id: int
+) -> bool:
+    """Whether a message of this list reached the reader between the last counted soft
+    bounce and this one: sent, and no bounce recorded for it."""
+    last = session.scalar(
+        select(func.max(BounceEvent.delivery_id)).where(
+            BounceEvent.subscription_id == sub.id,
+            BounceEvent.kind == EventType.SOFT_BOUNCE.value,
+            BounceEvent.outcome.in_((Outcome.COUNTED.value, Outcome.SUPPRESSED.value)),
+            BounceEvent.delivery_id != delivery_id,
+        )
+    )
+    if last is None or last >= delivery_id:
+        return False
+    bounced = exists().where(
+        BounceEvent.delivery_id == Delivery.id,
+        BounceEvent.kind.in_((EventType.SOFT_BOUNCE.value, EventType.HARD_BOUNCE.value)),
+    )
+    between = session.scalar(
+        select(Delivery.id)
+        .join(Issue, and_(Issue.id == Delivery.issue_id, Issue.list_id == sub.list_id))
+        .where(
+            Delivery.subscriber_id == sub.subscriber_id,
+            Delivery.id > last,
+            Delivery.id < delivery_id,
+            Delivery.status == DeliveryStatus.SENT,
+            ~bounced,
+        )
+        .limit(1)
+    )
+    return between is not None
+
+
+# --- per-issue figures and the complaint brake ---------------------------------------------------
+
+
+def issue_feedback(session: Session, issue_id: int) -> dict[str, Any]:
+    """Bounce and complaint counts of one issue and their rates over the messages sent:
+    ``{"sent", "hard_bounces", "soft_bounces", "complaints", "unsubscribes",
+    "hard_bounce_rate", "complaint_rate"}``."""
+    rows = session.execute(
+        select(BounceEvent.kind, func.count())
+        .where(
+            BounceEvent.issue_id == issue_id,
+            BounceEvent.outcome.not_in((Outcome.DUPLICATE.value, Outcome.IGNORED.value)),
+        )
+        .group_by(BounceEvent.kind)
+    ).all()
+    by_kind = {kind: n for kind, n in rows}
+    sent = _sent(session, issue_id)
+    figures: dict[str, Any] = {
+        "sent": sent,
+        "hard_bounces": by_kind.get(EventType.HARD_BOUNCE.value, 0),
+        "soft_bounces": by_kind.get(EventType.SOFT_BOUNCE.value, 0),
+        "complaints": by_kind.get(EventType.COMPLAINT.value, 0),
+        "unsubscribes": by_kind.get(EventType.UNSUBSCRIBE.value, 0),
+    }
+    figures["hard_bounce_rate"] = figures["hard_bounces"] / sent if sent else 0.0
+    figures["complaint_rate"] = figures["complaints"] / sent if sent else 0.0
+    return figures
+
+
+def complaint_rate_exceeded(
+    session: Session, issue_id: int, policy: FeedbackPolicy | None = None
+) -> str | None:
+    """Why a sending issue should pause for its complaints, or None when it should not."""
+    policy = policy or FeedbackPolicy()
+    status = session.scalar(select(Issue.status).where(Issue.id == issue_id))
+    if status != IssueStatus.SENDING:
+        return None
+    complaints = session.scalar(
+        select(func.count()).where(
+            BounceEvent.issue_id == issue_id,
+            BounceEvent.kind == EventType.COMPLAINT.value,
+            BounceEvent.outcome != Outcome.DUPLICATE.value,
+        )
+    )
+    sent = _sent(session, issue_id)
+    if not complaints or complaints < policy.complaint_pause_min:
+        return None
+    rate = complaints / max(sent, 1)
+    if rate <= policy.complaint_pause_rate:
+        return None
+    return (
+        f"paused: complaint rate {rate:.2%} passed {policy.complaint_pause_rate:.1%} "
+        f"({complaints} complaint(s) for {sent} sent)"
+    )
+
+
+def _pause(session: Session, issue_id: int, policy: FeedbackPolicy) -> bool:
+    from newsletter.delivery import pause_issue  # delivery may import this module
+
+    reason = complaint_rate_exceeded(session, issue_id, policy)
+    if reason is None:
+        return False
+    pause_issue(session, issue_id, reason=reason)
+    return True
+
+
+def _sent(session: Session, issue_id: int) -> int:
+    return (
+        session.scalar(
+            select(func.count()).where(
+                Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.SENT
+            )
+        )
+        or 0
+    )
