@@ -391,7 +391,7 @@ def issues_preview(
 ) -> None:
     """Write ID.html, ID.txt and ID.eml exactly as a subscriber receives them."""
     with transaction() as s:
-        paths = issues.write_preview(s, issue_id, rt().links, out_dir)
+        paths = issues.write_preview(s, issue_id, rt().links, out_dir, dkim=rt().dkim_signer)
     for p in paths:
         typer.echo(str(p))
 
@@ -440,7 +440,7 @@ def _send_test(issue_id: int, address: str) -> None:
 
     r = rt()
     with transaction() as s:
-        copy = issues.sample_copy(s, issue_id, address, r.links)
+        copy = issues.sample_copy(s, issue_id, address, r.links, dkim=r.dkim_signer)
     with session_of(r.transport) as conn:
         res = conn.send(copy.sender, copy.recipient, copy.data)
     if res.outcome is not Outcome.SENT:
@@ -463,11 +463,19 @@ def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:
                 r.links,
                 r.policy,
                 throttle=r.throttle(),
+                cache=r.issue_cache(),
                 on_batch=lambda rep: progress.advance(task, rep.sent + rep.failed),
             )
     else:
         delivery.run_in_process(
-            r.sessions, issue_id, batch_ids, r.transport, r.links, r.policy, throttle=r.throttle()
+            r.sessions,
+            issue_id,
+            batch_ids,
+            r.transport,
+            r.links,
+            r.policy,
+            throttle=r.throttle(),
+            cache=r.issue_cache(),
         )
 
 

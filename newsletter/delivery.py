@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
     Integer,
@@ -52,6 +52,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.addresses import domain_of, parse_from_address
 from newsletter.errors import Conflict, NotFound
+from newsletter.feedback import issue_feedback
 from newsletter.message import CompiledMessage, IssueMessageSpec, Recipient, format_date
 from newsletter.message import make_message_id as _make_message_id
 from newsletter.models import (
@@ -71,6 +72,10 @@ from newsletter.ratelimit import Throttle
 from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, link
 from newsletter.transport import Outcome, SendResult, Transport, TransportSession, session_of
+
+if TYPE_CHECKING:
+    from newsletter.bounces import Verp
+    from newsletter.dkim import DkimSigner
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +156,12 @@ class PreparedIssue:
     domain: str
     nonce: str
     compiled: CompiledMessage
+    verp: Verp | None = None
+
+    def envelope_for(self, delivery_id: int) -> str:
+        """The SMTP envelope sender: a per-delivery VERP address when BOUNCE_DOMAIN is set
+        (so a bounce names its delivery even when the report is mangled), else From."""
+        return self.verp.address(delivery_id) if self.verp is not None else self.envelope_from
 
 
 def prepare_issue(
@@ -159,6 +170,8 @@ def prepare_issue(
     *,
     subject_prefix: str = "",
     variant: IssueVariant | None = None,
+    dkim: DkimSigner | None = None,
+    verp: Verp | None = None,
 ) -> PreparedIssue:
     _name, address = parse_from_address(mlist.from_address)
     domain = domain_of(address)
@@ -184,7 +197,8 @@ def prepare_issue(
         list_address=address,
         domain=domain,
         nonce=issue.nonce,
-        compiled=CompiledMessage.compile(spec),
+        compiled=CompiledMessage.compile(spec, dkim=dkim),
+        verp=verp,
     )
 
 
@@ -214,8 +228,12 @@ class IssueCache:
     """Per-process cache of prepared issues and variants: each is compiled once per worker
     process and reused by every batch."""
 
-    def __init__(self, size: int = 32) -> None:
+    def __init__(
+        self, size: int = 32, *, dkim: DkimSigner | None = None, verp: Verp | None = None
+    ) -> None:
         self.size = size
+        self.dkim = dkim
+        self.verp = verp
         self._items: dict[tuple[int, int | None], PreparedIssue] = {}
 
     def get(self, session: Session, issue_id: int, variant_id: int | None = None) -> PreparedIssue:
@@ -227,7 +245,7 @@ class IssueCache:
             mlist = session.get(MailingList, issue.list_id)
             assert mlist is not None
             variant = session.get(IssueVariant, variant_id) if variant_id is not None else None
-            prepared = prepare_issue(issue, mlist, variant=variant)
+            prepared = prepare_issue(issue, mlist, variant=variant, dkim=self.dkim, verp=self.verp)
             if len(self._items) >= self.size:
                 self._items.pop(next(iter(self._items)))
             self._items[(issue_id, variant_id)] = prepared
@@ -818,7 +836,7 @@ class _BatchSender:
                             return
                     self.lease.progress()
                     self.untried = index + 1
-                    outcome = conn.send(target.envelope_from, delivery.email, data)
+                    outcome = conn.send(target.envelope_for(delivery.id), delivery.email, data)
             self.lease.progress()
             # A server that refuses the connection fails the rest of the batch at once with
             # the same reply: one failure of the server, not one per reader.
@@ -1179,6 +1197,7 @@ def issue_status(session: Session, issue_id: int) -> dict[str, Any]:
         "send_started_at": issue.send_started_at.isoformat() if issue.send_started_at else None,
         "finished_at": issue.finished_at.isoformat() if issue.finished_at else None,
         "last_errors": [{"delivery": i, "error": e} for i, e in errors],
+        "feedback": issue_feedback(session, issue_id),
     }
 
 
@@ -1196,10 +1215,12 @@ def run_in_process(
     on_batch: Callable[[BatchReport], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
     throttle: Throttle | None = None,
+    cache: IssueCache | None = None,
 ) -> None:
     """Deliver every batch here, then wait for and run retries until nothing is left or the
-    issue stops being `sending` (paused, cancelled)."""
-    cache = IssueCache()
+    issue stops being `sending` (paused, cancelled). Pass `cache` to sign (DKIM) or to use
+    VERP envelope senders: IssueCache(dkim=..., verp=...)."""
+    cache = cache if cache is not None else IssueCache()
     todo = list(batch_ids)
     while True:
         for batch_id in todo:

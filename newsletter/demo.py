@@ -116,10 +116,12 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    delivery.run_in_process(
+        rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy, cache=rt.issue_cache()
+    )
     preview_dir = Path("preview")
     with rt.sessions() as s, s.begin():
-        paths = issues.write_preview(s, issue_id, rt.links, preview_dir)
+        paths = issues.write_preview(s, issue_id, rt.links, preview_dir, dkim=rt.dkim_signer)
         sent = s.scalar(
             select(func.count()).where(
                 Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.SENT

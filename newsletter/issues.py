@@ -26,6 +26,7 @@ from newsletter.compose import (
     render_issue,
 )
 from newsletter.delivery import Links, build_for, prepare_issue, start_send
+from newsletter.dkim import DkimSigner
 from newsletter.errors import InvalidInput, NotFound
 from newsletter.message import check_header_value, format_date
 from newsletter.models import (
@@ -310,11 +311,13 @@ def build_single(
     reader: SampleReader,
     *,
     subject_prefix: str = "",
+    dkim: DkimSigner | None = None,
 ) -> tuple[bytes, str, str]:
-    """Build one reader's message exactly as delivery does; returns (bytes, html, text)."""
+    """Build one reader's message exactly as delivery does (signed when `dkim` is given);
+    returns (bytes, html, text)."""
     mlist = session.get(MailingList, issue.list_id)
     assert mlist is not None
-    prepared = prepare_issue(issue, mlist, subject_prefix=subject_prefix)
+    prepared = prepare_issue(issue, mlist, subject_prefix=subject_prefix, dkim=dkim)
     data, _mid = build_for(
         prepared,
         links,
@@ -344,24 +347,38 @@ class SampleCopy:
     data: bytes
 
 
-def sample_copy(session: Session, issue_id: int, address: str, links: Links) -> SampleCopy:
+def sample_copy(
+    session: Session,
+    issue_id: int,
+    address: str,
+    links: Links,
+    *,
+    dkim: DkimSigner | None = None,
+) -> SampleCopy:
     """The message an operator's test send delivers: the issue as a reader gets it, subject
     prefixed [TEST], to one address, with links that match no subscription. Sending it
     changes nothing in the ledger."""
     email = normalize_email(address)
     issue = get_issue(session, issue_id)
     reader = SampleReader(email, None, new_token())
-    data, _html, _text = build_single(session, issue, links, reader, subject_prefix="[TEST] ")
+    data, _html, _text = build_single(
+        session, issue, links, reader, subject_prefix="[TEST] ", dkim=dkim
+    )
     mlist = session.get(MailingList, issue.list_id)
     assert mlist is not None
     return SampleCopy(parse_from_address(mlist.from_address)[1], email, data)
 
 
 def write_preview(
-    session: Session, issue_id: int, links: Links, out_dir: Path
+    session: Session,
+    issue_id: int,
+    links: Links,
+    out_dir: Path,
+    *,
+    dkim: DkimSigner | None = None,
 ) -> tuple[Path, Path, Path]:
     issue = get_issue(session, issue_id)
-    data, html, text = build_single(session, issue, links, sample_reader(session, issue))
+    data, html, text = build_single(session, issue, links, sample_reader(session, issue), dkim=dkim)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{issue_id}.html", out_dir / f"{issue_id}.txt", out_dir / f"{issue_id}.eml")
     paths[0].write_text(html, encoding="utf-8")

@@ -14,10 +14,13 @@ import jinja2
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter.bounces import Verp
 from newsletter.compose import make_environment
 from newsletter.config import Settings
 from newsletter.db import make_engine, make_sessionmaker
-from newsletter.delivery import DeliveryPolicy, Links
+from newsletter.delivery import DeliveryPolicy, IssueCache, Links
+from newsletter.dkim import DkimSigner, signer_from_settings
+from newsletter.feedback import FeedbackPolicy
 from newsletter.ratelimit import Throttle, make_throttle
 from newsletter.tokens import LinkSigner
 from newsletter.transport import OutboxTransport, SmtpTransport, Transport
@@ -65,6 +68,26 @@ class Runtime:
     @property
     def suppression_key(self) -> str:
         return self.settings.secret_keys[0]
+
+    @cached_property
+    def dkim_signer(self) -> DkimSigner | None:
+        """None unless DKIM_DOMAIN, DKIM_SELECTOR and DKIM_KEY_FILE are all set."""
+        s = self.settings
+        return signer_from_settings(s.dkim_domain, s.dkim_selector, s.dkim_key_file)
+
+    @cached_property
+    def verp(self) -> Verp | None:
+        s = self.settings
+        return Verp(s.bounce_domain, s.secret_keys) if s.bounce_domain else None
+
+    @cached_property
+    def feedback_policy(self) -> FeedbackPolicy:
+        s = self.settings
+        return FeedbackPolicy(s.soft_bounce_limit, s.complaint_pause_rate, s.complaint_pause_min)
+
+    def issue_cache(self) -> IssueCache:
+        """Compiled messages per issue and variant, signed and VERP-addressed as configured."""
+        return IssueCache(dkim=self.dkim_signer, verp=self.verp)
 
     def throttle(self) -> Throttle | None:
         s = self.settings

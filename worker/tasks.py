@@ -26,7 +26,7 @@ def runtime() -> Runtime:
 
 @lru_cache(maxsize=1)
 def issue_cache() -> delivery.IssueCache:
-    return delivery.IssueCache()
+    return runtime().issue_cache()
 
 
 def enqueue_batches(batch_ids: list[int]) -> None:
@@ -131,7 +131,7 @@ def send_confirmation(self: Task, subscription_id: int) -> str:
 
     rt = runtime()
     result = optin.send_confirmation(
-        rt.sessions, rt.transport, rt.templates, rt.links, subscription_id
+        rt.sessions, rt.transport, rt.templates, rt.links, subscription_id, dkim=rt.dkim_signer
     )
     if result is None:
         return "nothing to send"

@@ -19,10 +19,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import delivery, feedback, issues, subscriptions
 from newsletter.addresses import normalize_email
 from newsletter.articles import parse_json
-from newsletter.errors import NewsletterError
+from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.models import Issue, MailingList, SubscriptionStatus
 from newsletter.transport import Outcome, session_of
 from newsletter.web.context import WebContext, web_context
@@ -163,7 +163,9 @@ def add_subscriber(
         rt = ctx.runtime
         from newsletter.web import optin
 
-        sent = optin.send_confirmation(rt.sessions, rt.transport, rt.templates, rt.links, sub_id)
+        sent = optin.send_confirmation(
+            rt.sessions, rt.transport, rt.templates, rt.links, sub_id, dkim=rt.dkim_signer
+        )
         result["confirmation_sent"] = sent is not None and sent.outcome is Outcome.SENT
     return result
 
@@ -329,7 +331,11 @@ def preview(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, 
     with ctx.transaction() as s:
         issue = issues.get_issue(s, issue_id)
         _data, html, text = issues.build_single(
-            s, issue, ctx.runtime.links, issues.sample_reader(s, issue)
+            s,
+            issue,
+            ctx.runtime.links,
+            issues.sample_reader(s, issue),
+            dkim=ctx.runtime.dkim_signer,
         )
         return {"id": issue.id, "subject": issue.subject, "html": html, "text": text}
 
@@ -341,7 +347,7 @@ def test_send(
     """Send one copy, subject prefixed [TEST], to one address; changes nothing."""
     rt = ctx.runtime
     with ctx.transaction() as s:
-        copy = issues.sample_copy(s, issue_id, body.email, rt.links)
+        copy = issues.sample_copy(s, issue_id, body.email, rt.links, dkim=rt.dkim_signer)
     with session_of(rt.transport) as conn:
         result = conn.send(copy.sender, copy.recipient, copy.data)
     if result.outcome is not Outcome.SENT:
@@ -395,3 +401,57 @@ def cancel(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, A
         cancelled = delivery.cancel_issue(s, issue_id)
     with ctx.transaction() as s:
         return {**delivery.issue_status(s, issue_id), "cancelled_deliveries": cancelled}
+
+
+MAX_BOUNCE_BYTES = 10 * 1024 * 1024
+
+
+@router.post(
+    "/webhooks/bounces",
+    tags=["bounces"],
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"message/rfc822": {"schema": {"type": "string"}}},
+        }
+    },
+)
+async def bounce_webhook(
+    request: Request, ctx: WebContext = Depends(web_context)
+) -> dict[str, Any]:
+    """One returned mail as the raw message (a DSN, an ARF complaint, a non-standard bounce
+    or a mail to the List-Unsubscribe address): the events it carries and what each changed.
+    The same report posted twice changes nothing the second time."""
+    raw = await request.body()
+    if not raw.strip():
+        raise InvalidInput("the body is empty: post the returned message as message/rfc822")
+    if len(raw) > MAX_BOUNCE_BYTES:
+        raise InvalidInput(f"the message is larger than {MAX_BOUNCE_BYTES} bytes")
+    return await run_in_threadpool(_ingest_bounce, ctx, raw)
+
+
+def _ingest_bounce(ctx: WebContext, raw: bytes) -> dict[str, Any]:
+    rt = ctx.runtime
+    with ctx.transaction() as s:
+        applied = feedback.ingest_message(
+            s,
+            raw,
+            signer=rt.links.signer,
+            verp=rt.verp,
+            policy=rt.feedback_policy,
+            source="webhook",
+        )
+        return {
+            "events": [
+                {
+                    "type": a.event.type.value,
+                    "outcome": a.outcome.value,
+                    "subscriber": a.subscriber_id,
+                    "delivery": a.delivery_id,
+                    "issue": a.issue_id,
+                    "paused_issue": a.paused_issue,
+                    "summary": a.describe(),
+                }
+                for a in applied
+            ]
+        }

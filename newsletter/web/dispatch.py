@@ -58,6 +58,7 @@ class Dispatcher:
             rt.templates,
             rt.links,
             subscription_id,
+            dkim=rt.dkim_signer,
         )
 
     def batches(self, issue_id: int, batch_ids: Sequence[int]) -> str:
@@ -91,6 +92,7 @@ class Dispatcher:
                 rt.links,
                 rt.policy,
                 throttle=rt.throttle(),
+                cache=rt.issue_cache(),
             )
         except Exception:  # the ledger keeps the rest; `issues resume` picks it up
             log.exception("in-process send of issue %d stopped", issue_id)

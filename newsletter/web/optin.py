@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from newsletter.addresses import domain_of, parse_from_address
 from newsletter.compose import render_confirmation
 from newsletter.delivery import Links
+from newsletter.dkim import DkimSigner
 from newsletter.message import check_header_value, format_date
 from newsletter.models import MailingList, Subscriber, Subscription, SubscriptionStatus
 from newsletter.transport import Outcome, SendResult, Transport, session_of
@@ -97,14 +98,18 @@ def send_confirmation(
     env: jinja2.Environment,
     links: Links,
     subscription_id: int,
+    *,
+    dkim: DkimSigner | None = None,
 ) -> SendResult | None:
-    """Build and send one confirmation email; None when there was nothing to send."""
+    """Build and send one confirmation email (DKIM-signed when configured); None when there
+    was nothing to send."""
     with sessions() as session:
         mail = confirmation_for(session, env, links, subscription_id)
     if mail is None:
         return None
+    data = dkim.sign(mail.data) if dkim is not None else mail.data
     with session_of(transport) as conn:
-        result = conn.send(mail.sender, mail.recipient, mail.data)
+        result = conn.send(mail.sender, mail.recipient, data)
     if result.outcome is not Outcome.SENT:
         # The address is personal data: log the subscription id, not the address.
         log.warning(
