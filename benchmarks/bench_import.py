@@ -37,9 +37,7 @@ def write_csv(path: Path, rows: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
-    parser.add_argument(
-        "--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    )
+    parser.add_argument("--admin-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
 
     name = f"newsletter_bench_import_{uuid.uuid4().hex[:6]}"
@@ -77,8 +75,13 @@ def main() -> None:
                 conn.execute(text("CREATE TABLE plain_copy (email text, name text, city text)"))
             started = time.perf_counter()
             subprocess.run(
-                ["psql", psql_target, "-q", "-c",
-                 f"\\copy plain_copy FROM '{csv_path}' WITH (FORMAT csv, HEADER true)"],
+                [
+                    "psql",
+                    psql_target,
+                    "-q",
+                    "-c",
+                    f"\\copy plain_copy FROM '{csv_path}' WITH (FORMAT csv, HEADER true)",
+                ],
                 check=True,
             )
             reference = time.perf_counter() - started

@@ -8,11 +8,31 @@ from email_validator import EmailNotValidError, validate_email
 from newsletter.addresses import InvalidAddress, check_text, normalize_email
 
 CASES = [
-    "Foo.Bar@EXAMPLE.com", "a+tag@x.io", "o'neil@example.ie", "_a@x.com", "a@x.co",
-    "a@bücher.de", "a@x.c0m", "x@localhost.localdomain",
-    "a@b.test", "x@foo.local", "a..b@x.com", "a@-x.com", "a@x-.com", "a@x.123", "a@x.com.",
-    ".a@x.com", "a.@x.com", "a@x..com", "a@" + "b" * 64 + ".com", "l" * 65 + "@x.com",
-    "no-at-sign", "a@b", "ü@x.com", '"quoted"@x.com', "a@[127.0.0.1]",
+    "Foo.Bar@EXAMPLE.com",
+    "a+tag@x.io",
+    "o'neil@example.ie",
+    "_a@x.com",
+    "a@x.co",
+    "a@bücher.de",
+    "a@x.c0m",
+    "x@localhost.localdomain",
+    "a@b.test",
+    "x@foo.local",
+    "a..b@x.com",
+    "a@-x.com",
+    "a@x-.com",
+    "a@x.123",
+    "a@x.com.",
+    ".a@x.com",
+    "a.@x.com",
+    "a@x..com",
+    "a@" + "b" * 64 + ".com",
+    "l" * 65 + "@x.com",
+    "no-at-sign",
+    "a@b",
+    "ü@x.com",
+    '"quoted"@x.com',
+    "a@[127.0.0.1]",
 ]
 
 
