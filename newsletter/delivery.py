@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
+    DateTime,
     Integer,
     String,
     Table,
@@ -595,6 +596,28 @@ def release_claims(session: Session, lease: BatchLease, from_id: int, to: Delive
 # --- record ---
 
 
+# The common outcome, written once per message: built once, not per call (building an
+# UPDATE costs more Python time than sending it; see docs/benchmarks.md).
+_RECORD_SENT = (
+    update(DELIVERIES)
+    .where(
+        DELIVERIES.c.id == bindparam("b_id"),
+        DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
+        DELIVERIES.c.lease_expires_at.in_(bindparam("b_leases", expanding=True)),
+    )
+    .values(
+        status=DeliveryStatus.SENT.value,
+        smtp_code=bindparam("b_code", type_=Integer()),
+        smtp_reply=bindparam("b_reply", type_=String()),
+        message_id=bindparam("b_mid", type_=String()),
+        sent_at=bindparam("b_now", type_=DateTime(timezone=True)),
+        lease_expires_at=None,
+        last_error=None,
+        next_attempt_at=None,
+    )
+)
+
+
 def record_outcome(
     session: Session,
     delivery: ClaimedDelivery,
@@ -614,6 +637,21 @@ def record_outcome(
     the deadline (`retry_deadline` after the send started) and a failure then is final,
     with the last reply as the error."""
     now = utcnow()
+    if outcome.outcome is Outcome.SENT and lease is not None:
+        done = _rowcount(
+            session.connection().execute(  # Core, not the ORM's execute pipeline: hot path
+                _RECORD_SENT,
+                {
+                    "b_id": delivery.id,
+                    "b_leases": list(lease),
+                    "b_code": outcome.code,
+                    "b_reply": outcome.reply[:1000],
+                    "b_mid": message_id,
+                    "b_now": now,
+                },
+            )
+        )
+        return DeliveryStatus.SENT if done else None
     values: dict[str, Any] = {
         "smtp_code": outcome.code,
         "smtp_reply": outcome.reply[:1000],
@@ -722,8 +760,14 @@ def send_batch(
     *,
     throttle: Throttle | None = None,
 ) -> BatchReport:
-    """Claim a batch, send it over ONE transport session, record each outcome as it goes."""
-    with sessions() as session:
+    """Claim a batch, send it over ONE transport session, record each outcome as it goes.
+
+    The batch keeps one database connection for all its commits (one per message): handing
+    it back to the pool after each commit would cost a checkout and a pre-ping per message.
+    A connection that dies is invalidated by the failed statement and reconnects on the
+    next one, which the outcome writer retries."""
+    engine = sessions.kw["bind"]
+    with engine.connect() as connection, sessions(bind=connection) as session:
         batch, claimed = claim_batch(session, batch_id, policy)
         report = BatchReport(issue_id=batch.issue_id, claimed=len(claimed))
         if claimed:
@@ -758,6 +802,11 @@ class _BatchSender:
         self.started_at: datetime | None = None
         self.list_id: int | None = None
         self.untried = 0  # index of the first delivery not yet handed to the transport
+        # A success resets the issue's consecutive-failure count. Writing that on every
+        # message is a hot-row UPDATE per message; it is needed only after a failure this
+        # sender saw, or about once a second for other workers' failures.
+        self._reset_due = True
+        self._last_reset = 0.0
 
     def run(
         self, transport: Transport, links: Links, cache: IssueCache, throttle: Throttle | None
@@ -871,14 +920,18 @@ class _BatchSender:
                     if status is not None:
                         if outcome.hard_bounce and self.list_id is not None:
                             _bounce(session, self.list_id, delivery, outcome)
-                        if counted:
+                        failed = status is not DeliveryStatus.SENT
+                        if counted and (failed or self._reset_wanted()):
                             paused = note_outcome(
                                 session,
                                 self.batch.issue_id,
-                                failed=status is not DeliveryStatus.SENT,
+                                failed=failed,
                                 policy=self.policy,
                                 error=outcome.describe(),
                             )
+                            self._reset_due = failed
+                            if not failed:
+                                self._last_reset = time.monotonic()
                     session.commit()
                     self.lease.owned.discard(delivery.id)
                 break
@@ -904,6 +957,9 @@ class _BatchSender:
             report.retrying += 1
         report.paused_itself |= paused
         return paused
+
+    def _reset_wanted(self) -> bool:
+        return self._reset_due or time.monotonic() - self._last_reset >= 1.0
 
     def _release(self, from_id: int) -> None:
         try:

@@ -121,6 +121,23 @@ class SmtpTransport:
         return SmtpSession(self.config, self.local_hostname)
 
 
+def _data(smtp: smtplib.SMTP, data: bytes) -> tuple[int, bytes]:
+    """smtplib's DATA, without its per-message regex pass when no line starts with a dot.
+
+    smtplib dot-stuffs every message with re.sub over the whole body (~15% of a sender's
+    CPU for a 40 KB digest). Our messages end in CRLF and rarely have a line starting with
+    "."; a substring check finds those, and only they take smtplib's path.
+    """
+    if data.startswith(b".") or b"\r\n." in data or not data.endswith(b"\r\n"):
+        return smtp.data(data)
+    smtp.putcmd("data")
+    code, reply = smtp.getreply()
+    if code != 354:
+        raise smtplib.SMTPDataError(code, reply)
+    smtp.send(data + b".\r\n")
+    return smtp.getreply()
+
+
 class SmtpSession:
     """Connects lazily; after a 421 or a dropped connection it reconnects on the next send.
     If connecting itself fails, the rest of the batch fails fast with that same temporary
@@ -206,7 +223,7 @@ class SmtpSession:
             # From here until the reply to the final "." arrives, the server may have
             # accepted the message without our knowing: the one window SMTP leaves open.
             stage = "data"
-            code, reply = smtp.data(data)
+            code, reply = _data(smtp, data)
             if code != 250:
                 return self._refused(code, reply, stage)
             return result(code, reply, stage)
