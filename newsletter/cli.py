@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from newsletter import delivery, issues, subscriptions
@@ -449,24 +450,18 @@ def _send_test(issue_id: int, address: str) -> None:
 
 
 def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:
-    r = rt()
-    if interactive() and total:
-        from rich.progress import Progress
+    """Deliver in this process, with a progress bar on a terminal and silence when piped."""
+    from contextlib import nullcontext
 
-        with Progress(transient=True) as progress:
+    from rich.progress import Progress
+
+    r = rt()
+    progress = Progress(transient=True) if interactive() and total else None
+    with progress if progress is not None else nullcontext():
+        on_batch = None
+        if progress is not None:
             task = progress.add_task(f"sending issue {issue_id}", total=total)
-            delivery.run_in_process(
-                r.sessions,
-                issue_id,
-                batch_ids,
-                r.transport,
-                r.links,
-                r.policy,
-                throttle=r.throttle(),
-                cache=r.issue_cache(),
-                on_batch=lambda rep: progress.advance(task, rep.sent + rep.failed),
-            )
-    else:
+            on_batch = lambda rep: progress.advance(task, rep.sent + rep.failed)  # noqa: E731
         delivery.run_in_process(
             r.sessions,
             issue_id,
@@ -476,6 +471,7 @@ def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:
             r.policy,
             throttle=r.throttle(),
             cache=r.issue_cache(),
+            on_batch=on_batch,
         )
 
 
@@ -733,6 +729,19 @@ def main() -> None:
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
+    except DBAPIError as exc:
+        typer.echo(f"error: {database_problem(exc)}", err=True)
+        sys.exit(1)
+
+
+def database_problem(exc: DBAPIError) -> str:
+    """One line for the operator instead of a driver traceback."""
+    text = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+    if "no such table" in text or ("relation" in text and "does not exist" in text):
+        return f"the database schema is not up to date ({text}): run `newsletter init`"
+    if exc.connection_invalidated or "connect" in text.lower():
+        return f"cannot reach the database: {text}"
+    return f"database error: {text}"
 
 
 if __name__ == "__main__":

@@ -142,3 +142,11 @@ def test_non_strict_import_reports_rejects_with_line_numbers(
     assert "imported 1, updated 0, unchanged 0, rejected 2" in proc.stdout
     assert f"{f}: line 3: invalid email address 'bad'" in proc.stderr
     assert f"{f}: line 4: duplicate of line 2" in proc.stderr
+
+
+def test_a_database_without_the_schema_is_one_line_telling_what_to_run(tmp_path: Path) -> None:
+    env = cli_env(database_url=f"sqlite:///{tmp_path / 'empty.db'}")
+    proc = run_cli("lists", "show", env=env, check=False)
+    assert_one_line_error(proc, "schema is not up to date", "run `newsletter init`")
+    run_cli("init", env=env)
+    assert "no lists yet" in run_cli("lists", "show", env=env).stdout
