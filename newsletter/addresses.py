@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from email.headerregistry import Address
 from email.utils import parseaddr
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
@@ -75,12 +74,6 @@ def parse_from_address(raw: str) -> tuple[str, str]:
         raise InvalidAddress(f"invalid from address {raw!r}: expected 'Name <user@domain>'")
     email = normalize_email(addr)
     return name.strip(), email
-
-
-def format_address(name: str | None, email: str) -> str:
-    """A header-ready address (display name quoted or RFC 2047-encoded by the stdlib)."""
-    local, _, domain = email.rpartition("@")
-    return str(Address(display_name=name or "", username=local, domain=domain))
 
 
 def domain_of(email: str) -> str:

@@ -30,7 +30,7 @@ import enum
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from email.message import Message
 from email.parser import HeaderParser
@@ -618,7 +618,3 @@ def redact(text: str | None) -> str | None:
     if text is None:
         return None
     return _ADDRESS.sub("<address>", text)[:500]
-
-
-def parse_many(messages: Iterable[bytes], *, verp: Verp | None = None) -> list[FeedbackEvent]:
-    return [event for raw in messages for event in parse(raw, verp=verp)]

@@ -24,7 +24,6 @@ import contextlib
 import itertools
 import logging
 import random
-import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -134,10 +133,19 @@ class Links:
         return link(self.base_url, Purpose.CONFIRM, self.signer.sign(Purpose.CONFIRM, token))
 
     def unsubscribe_mailto(self, list_address: str, token: str) -> str:
-        # Mail to the list's own From address with the signed token in the subject; the
-        # bounce/inbox processor turns it into an unsubscribe.
-        signed = self.signer.sign(Purpose.UNSUBSCRIBE, token)
-        return f"mailto:{list_address}?subject=unsubscribe%20{signed}"
+        return self.reader(list_address, token)[2]
+
+    def reader(self, list_address: str, token: str) -> tuple[str, str, str]:
+        """A reader's (unsubscribe URL, preferences URL, unsubscribe mailto), with the
+        unsubscribe token signed once for both the URL and the mailto. The mailto goes to
+        the list's own From address with the signed token in the subject; the inbox
+        processor turns it into an unsubscribe."""
+        unsubscribe = self.signer.sign(Purpose.UNSUBSCRIBE, token)
+        return (
+            link(self.base_url, Purpose.UNSUBSCRIBE, unsubscribe),
+            self.preferences(token),
+            f"mailto:{list_address}?subject=unsubscribe%20{unsubscribe}",
+        )
 
     def archive(self, slug: str, issue_id: int) -> str:
         return f"{self.base_url}/archive/{slug}/{issue_id}"
@@ -214,12 +222,15 @@ def build_for(
     date: str,
 ) -> tuple[bytes, str]:
     message_id = _make_message_id(delivery_id, prepared.nonce, prepared.domain)
+    unsubscribe_url, preferences_url, unsubscribe_mailto = links.reader(
+        prepared.list_address, token
+    )
     recipient = Recipient(
         email=email,
         name=name,
-        unsubscribe_url=links.unsubscribe(token),
-        preferences_url=links.preferences(token),
-        unsubscribe_mailto=links.unsubscribe_mailto(prepared.list_address, token),
+        unsubscribe_url=unsubscribe_url,
+        preferences_url=preferences_url,
+        unsubscribe_mailto=unsubscribe_mailto,
         message_id=message_id,
     )
     return prepared.compiled.build(recipient, date=date), message_id
@@ -1310,7 +1321,3 @@ def _rowcount(result: Any) -> int:
 
 def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def new_nonce() -> str:
-    return secrets.token_hex(6)

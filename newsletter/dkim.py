@@ -225,17 +225,6 @@ def body_hash(body: bytes) -> bytes:
 _FIELD_START: Final = re.compile(rb"\r\n(?![ \t])")
 
 
-def split_header_fields(block: bytes) -> list[tuple[bytes, bytes]]:
-    """The header fields of a header block (CRLF lines) as (lower-case name, raw value)
-    pairs, folded continuation lines kept in the value."""
-    fields = []
-    for field in _FIELD_START.split(block):
-        if field:
-            name, _, value = field.partition(b":")
-            fields.append((name.strip().lower(), value))
-    return fields
-
-
 class BodyHashPlan:
     """The relaxed body hash of a compiled message, canonicalized once per issue.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -350,21 +350,6 @@ _APPLY = {
     EventType.DELIVERED: _delivered,
     EventType.UNSUBSCRIBE: _unsubscribe,
 }
-
-
-def record_delivered(session: Session, subscription_ids: Iterable[int]) -> int:
-    """Reset the soft-bounce count of subscriptions known to have received a message (a
-    provider's delivery webhook). Returns how many had a count."""
-    ids = list(subscription_ids)
-    if not ids:
-        return 0
-    subs = session.scalars(
-        select(Subscription).where(Subscription.id.in_(ids), Subscription.soft_bounces > 0)
-    ).all()
-    for sub in subs:
-        sub.soft_bounces = 0
-    session.flush()
-    return len(subs)
 
 
 def _delivered_since_last_soft_bounce(

@@ -15,7 +15,7 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 from sqlalchemy import DateTime, bindparam, func, insert, select, text
 from sqlalchemy.orm import Session
@@ -37,9 +37,7 @@ from newsletter.models import (
     utcnow,
 )
 
-T = TypeVar("T")
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-CHUNK = 5000  # rows per IN (...) query and per bulk INSERT
 
 
 def new_token() -> str:
@@ -560,11 +558,6 @@ def _bulk_import(
     report.updated += len((renamed & existing_ids) | confirmed_ids)
     report.unchanged += len(rows) - suppressed - imported - left - report.updated
     sql("DROP TABLE nl_import")
-
-
-def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 # --- export and listing ---

@@ -32,11 +32,17 @@ class LinkSigner:
         if not secret_keys:
             raise ValueError("at least one secret key is needed")
         # itsdangerous signs with the LAST key of the list and verifies with all.
-        self._keys = list(reversed(secret_keys))
+        keys = list(reversed(secret_keys))
+        # One signer per purpose, built once: every message signs two links.
+        self._signers: dict[Purpose, Signer] = {
+            purpose: (TimestampSigner if purpose is Purpose.CONFIRM else Signer)(
+                keys, salt=f"newsletter.{purpose.value}", digest_method=hashlib.sha256
+            )
+            for purpose in Purpose
+        }
 
     def _signer(self, purpose: Purpose) -> Signer:
-        cls = TimestampSigner if purpose is Purpose.CONFIRM else Signer
-        return cls(self._keys, salt=f"newsletter.{purpose.value}", digest_method=hashlib.sha256)
+        return self._signers[purpose]
 
     def sign(self, purpose: Purpose, token: str) -> str:
         return self._signer(purpose).sign(token).decode("ascii")

@@ -130,8 +130,8 @@ def test_reimport_updates_names_and_confirms_pending(rt: Runtime) -> None:
     assert (report.imported, report.updated, report.unchanged) == (0, 0, 1)
 
 
-def test_import_spanning_several_chunks(rt: Runtime) -> None:
-    n = subscriptions.CHUNK * 2 + 17
+def test_import_of_ten_thousand_rows_in_one_go(rt: Runtime) -> None:
+    n = 10_017
     rows = "\n".join(f"user{i}@example.org,User {i}" for i in range(n))
     report = do_import(rt, "email,name\n" + rows + "\n", confirmed=True)
     assert report.imported == n and not report.rejected
