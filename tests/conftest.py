@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import EmailMessage
@@ -90,7 +91,20 @@ def pg_url(pg_database_url: str) -> str:
     engine = make_engine(pg_database_url)
     with engine.begin() as conn:
         # A connection a previous test leaked (an unclosed session) would hold locks and make
-        # TRUNCATE wait forever: end them, and fail loudly rather than hang if one remains.
+        # TRUNCATE wait forever: say so (it may be a leak in the product), end it, and fail
+        # rather than hang if one remains.
+        leaked = (
+            conn.execute(
+                text(
+                    "SELECT left(query, 200) FROM pg_stat_activity WHERE datname = "
+                    "current_database() AND pid <> pg_backend_pid() AND state = 'idle in transaction'"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        for query in leaked:
+            warnings.warn(f"a previous test leaked an open transaction: {query}", stacklevel=1)
         conn.execute(
             text(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
