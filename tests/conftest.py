@@ -97,7 +97,8 @@ def pg_url(pg_database_url: str) -> str:
             conn.execute(
                 text(
                     "SELECT left(query, 200) FROM pg_stat_activity WHERE datname = "
-                    "current_database() AND pid <> pg_backend_pid() AND state = 'idle in transaction'"
+                    "current_database() AND pid <> pg_backend_pid() "
+                    "AND state = 'idle in transaction'"
                 )
             )
             .scalars()
