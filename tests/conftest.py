@@ -175,6 +175,25 @@ class Recorder:
     messages: list[Received] = field(default_factory=list)
     rules: list[tuple[str, Callable[[str], bool], str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Advertise RFC 2920 PIPELINING, as Postfix and most MTAs do (aiosmtpd reads pipelined
+    # commands one line at a time either way); False tests the one-command-at-a-time path.
+    pipelining: bool = True
+    # Called with each message as its final "." arrives, before the reply (see the test of
+    # the duplicate bound in tests/integration/test_delivery.py).
+    on_data: Callable[[Envelope], None] | None = None
+
+    async def handle_EHLO(
+        self,
+        server: SMTPProtocol,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
 
     def reply_for(self, stage: str, address: str) -> str | None:
         for rule_stage, match, reply in self.rules:
@@ -202,6 +221,8 @@ class Recorder:
             if reply:
                 return reply
         content = envelope.original_content or b""
+        if self.on_data is not None:
+            self.on_data(envelope)
         with self.lock:
             self.messages.append(
                 Received(str(envelope.mail_from), list(envelope.rcpt_tos), content, time.time())
@@ -319,14 +340,20 @@ def run_cli(
 
 
 class WorkerProcess:
-    """A real `newsletter worker` process (Celery prefork) with its own log file."""
+    """A real `newsletter worker` process (Celery prefork, or threads) with its own log file."""
 
     def __init__(
-        self, env: dict[str, str], log_path: Path, concurrency: int = 2, name: str | None = None
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 2,
+        name: str | None = None,
+        pool: str = "prefork",
     ) -> None:
         self.env = env
         self.log_path = log_path
         self.concurrency = concurrency
+        self.pool = pool
         self.name = name or f"w{uuid.uuid4().hex[:6]}"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -342,6 +369,8 @@ class WorkerProcess:
                 "INFO",
                 "--concurrency",
                 str(self.concurrency),
+                "--pool",
+                self.pool,
                 "--hostname",
                 f"{self.name}@%h",
                 "--without-gossip",

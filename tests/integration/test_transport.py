@@ -22,3 +22,46 @@ def test_message_bytes_arrive_unchanged(smtp_server: SmtpServer, data: bytes) ->
     received = smtp_server.recorder.messages
     assert [r.rcpt_tos for r in received] == [["b@example.org"], ["c@example.org"]]
     assert all(r.data == data for r in received)
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-command-a-time"])
+def test_refusals_are_told_apart_and_the_connection_goes_on(
+    smtp_server: SmtpServer, pipelining: bool
+) -> None:
+    """With PIPELINING, MAIL, RCPT and DATA go in one write; each refusal still comes back
+    at its own stage, and the next message goes over the same connection."""
+    smtp_server.recorder.pipelining = pipelining
+    smtp_server.recorder.rules += [
+        ("rcpt", lambda a: a == "gone@example.org", "550 5.1.1 no such user"),
+        ("rcpt", lambda a: a == "busy@example.org", "451 4.3.0 try later"),
+        ("data", lambda a: a == "full@example.org", "552 5.2.2 mailbox full"),
+    ]
+    transport = SmtpTransport(SmtpConfig.parse(smtp_server.url))
+    with session_of(transport) as conn:
+        gone = conn.send("a@example.org", "gone@example.org", PLAIN)
+        busy = conn.send("a@example.org", "busy@example.org", PLAIN)
+        full = conn.send("a@example.org", "full@example.org", PLAIN)
+        fine = conn.send("a@example.org", "fine@example.org", DOTTED)
+    assert (gone.outcome, gone.code, gone.stage) == (Outcome.PERMANENT, 550, "rcpt")
+    assert gone.hard_bounce
+    assert (busy.outcome, busy.code, busy.stage) == (Outcome.TEMPORARY, 451, "rcpt")
+    assert (full.outcome, full.code, full.stage) == (Outcome.TEMPORARY, 552, "data")
+    assert (fine.outcome, fine.code) == (Outcome.SENT, 250)
+    received = smtp_server.recorder.messages
+    assert [r.rcpt_tos for r in received] == [["fine@example.org"]]
+    assert received[0].data == DOTTED
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-command-a-time"])
+def test_an_abandoned_message_never_arrives(smtp_server: SmtpServer, pipelining: bool) -> None:
+    """begin() hands over all but the final "."; abandon() takes the message back (the
+    server never sees it end), and the next message still goes, over a new connection."""
+    smtp_server.recorder.pipelining = pipelining
+    transport = SmtpTransport(SmtpConfig.parse(smtp_server.url))
+    with session_of(transport) as conn:
+        assert conn.begin("a@example.org", "dropped@example.org", PLAIN) is None
+        conn.abandon()
+        assert conn.begin("a@example.org", "kept@example.org", PLAIN) is None
+        kept = conn.finish()
+    assert kept.outcome is Outcome.SENT
+    assert smtp_server.recorder.recipients() == ["kept@example.org"]
