@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from email.utils import parseaddr
+from functools import lru_cache
 
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
 
@@ -18,7 +19,8 @@ _FORBIDDEN = re.compile(r"[\r\n\x00]|=\?")
 # and its error message.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_FAST = re.compile(rf"({_ATEXT}(?:\.{_ATEXT})*)@((?:{_LABEL}\.)+[A-Za-z]{{2,63}})")
+_LOCAL = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*")
+_DOMAIN = re.compile(rf"(?:{_LABEL}\.)+[A-Za-z]{{2,63}}")
 _SPECIAL_TLDS = frozenset(SPECIAL_USE_DOMAIN_NAMES)
 
 
@@ -35,6 +37,17 @@ def check_text(value: str, field: str, *, max_length: int = 200) -> str:
     return value
 
 
+@lru_cache(maxsize=16384)
+def _fast_domain(domain: str) -> str | None:
+    """The stored form of a domain the fast path accepts (ASCII LDH labels, alphabetic TLD,
+    not special-use), or None. Cached: a million addresses have a few thousand domains."""
+    if len(domain) <= 253 and _DOMAIN.fullmatch(domain):
+        lower = domain.lower()
+        if lower.rpartition(".")[2] not in _SPECIAL_TLDS:
+            return lower
+    return None
+
+
 def normalize_email(raw: str) -> str:
     """Return the canonical stored form: local part as given, domain lower-case IDNA (ASCII).
 
@@ -44,18 +57,20 @@ def normalize_email(raw: str) -> str:
     value = raw.strip()
     if not value:
         raise InvalidAddress("email is empty")
+    # The fast path admits no CR, LF or NUL, so of check_text only '=?' and the length are
+    # left to test here; anything else takes the full path, with its messages. This is the
+    # per-row cost of an import: for a million rows, seconds rather than tens of seconds.
+    local, at, domain = value.rpartition("@")
+    if (
+        at
+        and len(local) <= 64
+        and len(value) <= 320
+        and "=?" not in local
+        and _LOCAL.fullmatch(local)
+        and (fast_domain := _fast_domain(domain)) is not None
+    ):
+        return f"{local}@{fast_domain}"
     check_text(value, "email", max_length=320)
-    fast = _FAST.fullmatch(value)
-    if fast is not None:
-        local, domain = fast.groups()
-        domain = domain.lower()
-        if (
-            len(local) <= 64
-            and len(domain) <= 253
-            and domain.rpartition(".")[2] not in _SPECIAL_TLDS
-            and domain not in _SPECIAL_TLDS
-        ):
-            return f"{local}@{domain}"
     try:
         result = validate_email(value, check_deliverability=False, allow_smtputf8=False)
     except EmailNotValidError as exc:

@@ -6,18 +6,21 @@ request, task) owns the transaction, so a failure anywhere rolls back everything
 
 from __future__ import annotations
 
+import base64
+import codecs
 import csv
 import hashlib
 import hmac
 import io
-import json
 import re
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
+from pathlib import Path
 from typing import IO, Any
 
-from sqlalchemy import DateTime, bindparam, func, insert, select, text
+from sqlalchemy import DateTime, bindparam, func, select, text
 from sqlalchemy.orm import Session
 
 from newsletter.addresses import InvalidAddress, check_text, normalize_email, parse_from_address
@@ -274,7 +277,7 @@ def erase_subscriber(session: Session, email: str, *, suppression_key: str, sour
 @dataclass
 class ImportReport:
     imported: int = 0  # new subscriptions
-    updated: int = 0  # existing subscribers whose name or status changed
+    updated: int = 0  # readers already on the list whose name changed or who were confirmed
     unchanged: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
 
@@ -293,76 +296,109 @@ class ImportReport:
         }
 
 
-@dataclass(frozen=True)
-class _Row:
-    line: int
-    email: str
-    name: str | None
-    attributes: dict[str, str] | None
-
+# A row that passed validation, as it goes to the database:
+# (line, email, name or None, the other columns as a JSON object or None).
+_Row = tuple[int, str, str | None, str | None]
 
 _BAD_CELL = re.compile(r"[\r\n\x00]")
+_CHUNK_ROWS = 5000  # rows per COPY write: memory stays flat, round trips stay few
+# Readers who left a list: an import does not put them back (only they can).
+_LEFT = "('unsubscribed', 'bounced', 'complained')"
 
 
-def parse_csv(stream: IO[str], source: str) -> tuple[list[_Row], list[tuple[int, str]]]:
-    """Validate every row; return the good rows and (line, reason) for each bad one.
+class ImportRows:
+    """The rows of an import file, validated as they are read.
 
-    A file whose structure is broken (no header, no email column, unterminated quote) is one
-    error for the whole file.
+    One pass, a chunk at a time: a million-row file never exists as a million Python
+    objects. A file whose structure is broken (no header, no email column, unterminated
+    quote) is one error for the whole file; a bad row becomes (line, reason) in `rejected`.
+    Duplicates within the file are left to the database (see _bulk_import): remembering
+    every address here would take more memory than all the rest of the import.
     """
-    reader = csv.reader(stream, strict=True)
-    try:
-        header = next(reader)
-    except StopIteration:
-        raise InvalidInput(f"{source}: the file is empty") from None
-    except csv.Error as exc:
-        raise InvalidInput(f"{source}: line 1: {exc}") from None
-    columns = [h.strip().lower() for h in header]
-    if "email" not in columns:
-        raise InvalidInput(f"{source}: the header row has no 'email' column")
-    if len(set(columns)) != len(columns):
-        raise InvalidInput(f"{source}: the header row repeats a column name")
-    email_at = columns.index("email")
-    name_at = columns.index("name") if "name" in columns else None
-    extra = [(i, c) for i, c in enumerate(columns) if c not in ("email", "name") and c]
-    good: list[_Row] = []
-    bad: list[tuple[int, str]] = []
-    seen: dict[str, int] = {}
-    while True:
+
+    def __init__(self, stream: IO[str], source: str) -> None:
+        self.source = source
+        self.rejected: list[tuple[int, str]] = []
+        self.good = 0  # rows yielded so far
+        self._reader = csv.reader(stream, strict=True)
         try:
-            cells = next(reader)
+            header = next(self._reader)
         except StopIteration:
-            break
+            raise InvalidInput(f"{source}: the file is empty") from None
         except csv.Error as exc:
-            raise InvalidInput(f"{source}: line {reader.line_num}: {exc}") from None
-        line = reader.line_num
-        if not cells or all(not c.strip() for c in cells):
-            continue  # blank lines are not rows
-        if len(cells) > len(columns):
-            bad.append((line, f"{len(cells)} fields where the header has {len(columns)}"))
-            continue
-        cells += [""] * (len(columns) - len(cells))
-        if any(_BAD_CELL.search(c) for c in cells):
-            bad.append((line, "a field contains a line break or NUL"))
-            continue
-        raw_email = cells[email_at].strip()
-        if not raw_email:
-            bad.append((line, "missing email"))
-            continue
+            raise InvalidInput(f"{source}: line 1: {exc}") from None
+        columns = [h.strip().lower() for h in header]
+        if columns:
+            columns[0] = columns[0].removeprefix("\ufeff").strip()  # a BOM the caller kept
+        if "email" not in columns:
+            raise InvalidInput(f"{source}: the header row has no 'email' column")
+        if len(set(columns)) != len(columns):
+            raise InvalidInput(f"{source}: the header row repeats a column name")
+        self._width = len(columns)
+        self._email_at = columns.index("email")
+        self._name_at = columns.index("name") if "name" in columns else None
+        # The other columns become the subscriber's attributes, a JSON object written here
+        # as json.dumps(..., ensure_ascii=False) would, without building a dict per row.
+        self._extra = [
+            (i, encode_basestring(c) + ": ")
+            for i, c in enumerate(columns)
+            if c not in ("email", "name") and c
+        ]
+
+    def chunks(self, size: int = _CHUNK_ROWS) -> Iterator[list[_Row]]:
+        """The good rows, `size` at a time; bad ones are appended to `rejected` meanwhile."""
+        reader, width, email_at = self._reader, self._width, self._email_at
+        name_at, extra, rejected = self._name_at, self._extra, self.rejected
+        bad_cell = _BAD_CELL.search
+        chunk: list[_Row] = []
         try:
-            email = normalize_email(raw_email)
-            name = check_text(cells[name_at].strip(), "name") if name_at is not None else ""
-        except InvalidAddress as exc:
-            bad.append((line, str(exc)))
-            continue
-        first = seen.get(email)
-        if first is not None:
-            bad.append((line, f"duplicate of line {first} ({email})"))
-            continue
-        seen[email] = line
-        attributes = {col: cells[i] for i, col in extra if cells[i] != ""} or None
-        good.append(_Row(line, email, name or None, attributes))
-    return good, bad
+            for cells in reader:
+                line = reader.line_num
+                if len(cells) != width or not cells[email_at].strip():
+                    if not cells or all(not c.strip() for c in cells):
+                        continue  # blank lines are not rows
+                    if len(cells) > width:
+                        rejected.append((line, f"{len(cells)} fields where the header has {width}"))
+                        continue
+                    cells += [""] * (width - len(cells))
+                if bad_cell("".join(cells)) is not None:
+                    rejected.append((line, "a field contains a line break or NUL"))
+                    continue
+                if not cells[email_at].strip():
+                    rejected.append((line, "missing email"))
+                    continue
+                try:
+                    email = normalize_email(cells[email_at])
+                    name = cells[name_at].strip() if name_at is not None else ""
+                    if "=?" in name or len(name) > 200:  # CR, LF and NUL are refused above
+                        check_text(name, "name")
+                except InvalidAddress as exc:
+                    rejected.append((line, str(exc)))
+                    continue
+                attributes = None
+                if extra:
+                    pairs = [
+                        key + encode_basestring(cells[i]) for i, key in extra if cells[i] != ""
+                    ]
+                    if pairs:
+                        attributes = "{" + ", ".join(pairs) + "}"
+                chunk.append((line, email, name or None, attributes))
+                if len(chunk) >= size:
+                    self.good += len(chunk)
+                    yield chunk
+                    chunk = []
+        except csv.Error as exc:
+            raise InvalidInput(f"{self.source}: line {reader.line_num}: {exc}") from None
+        except UnicodeDecodeError:  # a file that changed after open_text_file checked it
+            raise InvalidInput(f"{self.source}: not UTF-8 (after line {reader.line_num})") from None
+        if chunk:
+            self.good += len(chunk)
+            yield chunk
+
+
+def parse_csv(stream: IO[str], source: str) -> ImportRows:
+    """Read the header now (a broken one is an error at once) and the rows as they are used."""
+    return ImportRows(stream, source)
 
 
 def import_csv(
@@ -378,21 +414,16 @@ def import_csv(
 ) -> ImportReport:
     """Validate every row, then import the good ones set-based, in the caller's transaction.
 
-    With strict=True any bad row aborts the import and nothing is written (rows refused
-    because of their current state, such as an unsubscribed reader, raise after the writes,
-    so the caller's rollback undoes them).
+    Every check (the row itself, duplicates in the file, erased or suppressed addresses,
+    readers who left the list) is made before anything is written, so with strict=True any
+    bad row raises InvalidInput and nothing is written at all.
     """
     mlist = get_list(session, list_slug)
-    rows, rejected = parse_csv(stream, name)
-    report = ImportReport(rejected=rejected)
-    if strict and rejected:
-        _refuse_strict(name, report)
-    if rows:
-        status = SubscriptionStatus.ACTIVE if confirmed else SubscriptionStatus.PENDING
-        _bulk_import(session, mlist.id, rows, status, report, source, suppression_key)
+    rows = parse_csv(stream, name)
+    status = SubscriptionStatus.ACTIVE if confirmed else SubscriptionStatus.PENDING
+    report = ImportReport()
+    _bulk_import(session, mlist.id, rows, status, report, source, suppression_key, strict, name)
     report.rejected.sort()
-    if strict and report.rejected:
-        _refuse_strict(name, report)
     return report
 
 
@@ -405,159 +436,273 @@ def _refuse_strict(name: str, report: ImportReport) -> None:
     )
 
 
-_LEFT = ("unsubscribed", "bounced", "complained")
+def _new_tokens(n: int) -> list[str]:
+    """n subscription tokens (see new_token) from one call to the system's CSPRNG: 18 random
+    bytes each (144 bits), whose base64 is exactly 24 URL-safe characters, no padding."""
+    blob = base64.urlsafe_b64encode(secrets.token_bytes(18 * n)).decode("ascii")
+    return [blob[i : i + 24] for i in range(0, 24 * n, 24)]
+
+
+def _copy_text(chunk: list[_Row], tokens: list[str], email_hash: Callable[[str], str]) -> str:
+    """The rows in COPY's text format, NULL written as an empty field (no value is empty).
+
+    A value with a tab or a backslash needs escaping; rather than test each value, build
+    the text and count: as many tabs as separators and no backslash means none has one.
+    Rows with CR, LF or NUL never get this far.
+    """
+    rows = zip(chunk, tokens, strict=True)
+    text = "".join(
+        [
+            f"{line}\t{email}\t{nm or ''}\t{attrs or ''}\t{token}\t{email_hash(email)}\n"
+            for (line, email, nm, attrs), token in rows
+        ]
+    )
+    if "\\" not in text and text.count("\t") == 5 * len(chunk):
+        return text
+
+    def esc(value: str | None) -> str:
+        return (value or "").replace("\\", "\\\\").replace("\t", "\\t")
+
+    return "".join(
+        [
+            f"{line}\t{esc(email)}\t{esc(nm)}\t{esc(attrs)}\t{token}\t{email_hash(email)}\n"
+            for (line, email, nm, attrs), token in zip(chunk, tokens, strict=True)
+        ]
+    )
+
+
+def _suppression_hasher(key: str) -> Callable[[str], str]:
+    """suppression_hash(email, key) for many emails: HMAC-SHA256 (RFC 2104) with the padded
+    keys hashed once, so that each email costs two copies and two updates (a third of
+    hmac.new's time, which matters a million times over)."""
+    raw = key.encode()
+    if len(raw) > 64:
+        raw = hashlib.sha256(raw).digest()
+    raw = raw.ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in raw))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in raw))
+
+    def email_hash(email: str) -> str:
+        h = inner.copy()
+        h.update(email.lower().encode())
+        o = outer.copy()
+        o.update(h.digest())
+        return o.hexdigest()
+
+    return email_hash
+
+
+# The addresses that occur more than once in the file, with the line of their first row.
+_REPEATED = (
+    "SELECT email, MIN(line) AS first_line FROM nl_import GROUP BY email HAVING COUNT(*) > 1"
+)
+
+
+ANALYZE_AFTER = 10_000  # rows imported at once
 
 
 def _bulk_import(
     session: Session,
     list_id: int,
-    rows: Sequence[_Row],
+    rows: ImportRows,
     status: SubscriptionStatus,
     report: ImportReport,
     source: str,
     suppression_key: str,
+    strict: bool,
+    name: str,
 ) -> None:
-    """Load the rows into a temporary table (COPY on PostgreSQL) and let the database do
+    """Stream the rows into a temporary table (COPY on PostgreSQL) and let the database do
     the rest in a handful of set-based statements: per-row round trips and per-row ORM
-    work are what make naive imports take minutes."""
+    work are what make naive imports take minutes.
+
+    Order: load; drop repeated, then erased or suppressed addresses; find who is already a
+    subscriber and who left this list; refuse (strict) or write. Every check comes before
+    the first write. On PostgreSQL the new subscribers' ids are drawn from their sequence
+    while loading (tokens are made in Python), so that their subscribers, subscriptions
+    and events rows are three plain INSERT ... SELECTs from the file's table, with no join
+    back from what was inserted. What remains is the database's own per-row work: index
+    entries, and one query per foreign key per inserted row (benchmarks/bench_import.py).
+    """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
     now = utcnow()
     ts = DateTime(timezone=True)
+    confirming = status == SubscriptionStatus.ACTIVE
 
+    # Only this module's constant SQL fragments are interpolated into statements (S608).
     def sql(statement: str, **params: Any) -> Any:
-        binds = [bindparam(k, type_=ts) for k in params if k in ("now", "confirmed_at")]
-        return conn.execute(text(statement).bindparams(*binds), params)
+        stamps = [k for k in ("now", "confirmed_at") if f":{k}" in statement]
+        used = {k: v for k, v in params.items() if f":{k}" in statement}
+        return conn.execute(
+            text(statement).bindparams(*[bindparam(k, type_=ts) for k in stamps]), used
+        )
 
     sql("DROP TABLE IF EXISTS nl_import")
-    sql(
-        "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email VARCHAR(320) NOT NULL,"
-        " name VARCHAR(200), attributes TEXT, email_hash VARCHAR(64) NOT NULL)"
-    )
-    loaded = (
-        (
-            r.line,
-            r.email,
-            r.name,
-            json.dumps(r.attributes, ensure_ascii=False) if r.attributes else None,
-            suppression_hash(r.email, suppression_key),
-        )
-        for r in rows
-    )
+    sql("DROP TABLE IF EXISTS nl_known")
+    email_hash = _suppression_hasher(suppression_key)
     if pg:
+        sequence = sql("SELECT pg_get_serial_sequence('subscribers', 'id')").scalar_one()
+        quoted = "'" + sequence.replace("'", "''") + "'"
+        sql(
+            "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
+            "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL, "
+            f"new_id BIGINT NOT NULL DEFAULT nextval({quoted}))"
+        )
         raw: Any = conn.connection.driver_connection
         with (
             raw.cursor() as cursor,
             cursor.copy(
-                "COPY nl_import (line, email, name, attributes, email_hash) FROM STDIN"
+                "COPY nl_import (line, email, name, attributes, token, email_hash) "
+                "FROM STDIN (NULL '')"
             ) as copy,
         ):
-            for row in loaded:
-                copy.write_row(row)
+            for chunk in rows.chunks():
+                copy.write(_copy_text(chunk, _new_tokens(len(chunk)), email_hash))
         sql("ANALYZE nl_import")
     else:
-        conn.exec_driver_sql("INSERT INTO nl_import VALUES (?, ?, ?, ?, ?)", list(loaded))
-
-    for (line,) in sql(
-        "DELETE FROM nl_import WHERE email_hash IN (SELECT email_hash FROM suppressions) "
-        "RETURNING line"
-    ):
-        report.rejected.append((line, "address was erased or suppressed"))
-
-    attributes = "CAST(i.attributes AS JSON)" if pg else "i.attributes"
-    # Only the dialect's constant cast/token expression is interpolated below (S608).
-    sql(
-        "INSERT INTO subscribers (email, name, attributes, created_at) "  # noqa: S608
-        f"SELECT i.email, i.name, {attributes}, :now FROM nl_import i "
-        "WHERE NOT EXISTS (SELECT 1 FROM subscribers s WHERE s.email = i.email)",
-        now=now,
-    )
-    renamed = {
-        sid
-        for (sid,) in sql(
-            "UPDATE subscribers SET name = i.name FROM nl_import i "
-            "WHERE subscribers.email = i.email AND i.name IS NOT NULL "
-            "AND (subscribers.name IS NULL OR subscribers.name <> i.name) "
-            "RETURNING subscribers.id"
+        sql(
+            "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
+            "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL)"
         )
-    }
-    for line, email, current in sql(
-        "SELECT i.line, i.email, sub.status FROM nl_import i "
-        "JOIN subscribers s ON s.email = i.email "
-        "JOIN subscriptions sub ON sub.subscriber_id = s.id AND sub.list_id = :list "
-        "WHERE sub.status IN ('unsubscribed', 'bounced', 'complained')",
-        list=list_id,
-    ):
-        report.rejected.append((line, f"{email} is {current}; not re-added"))
-
-    confirmed_ids: set[int] = set()
-    if status == SubscriptionStatus.ACTIVE:
-        confirmed_ids = {
-            sid
-            for (sid,) in sql(
-                "UPDATE subscriptions SET status = 'active', confirmed_at = :now, "
-                "updated_at = :now WHERE list_id = :list AND status = 'pending' "
-                "AND subscriber_id IN (SELECT s.id FROM subscribers s "
-                "JOIN nl_import i ON i.email = s.email) RETURNING subscriber_id",
-                now=now,
-                list=list_id,
-            )
-        }
-        if confirmed_ids:
-            session.execute(
-                insert(Event),
+        for chunk in rows.chunks():
+            conn.exec_driver_sql(
+                "INSERT INTO nl_import VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    {
-                        "kind": "confirmed",
-                        "source": source,
-                        "subscriber_id": sid,
-                        "list_id": list_id,
-                        "created_at": now,
-                    }
-                    for sid in confirmed_ids
+                    (*row, token, email_hash(row[1]))
+                    for row, token in zip(chunk, _new_tokens(len(chunk)), strict=True)
                 ],
             )
+    rejected = report.rejected
+    rejected.extend(rows.rejected)
 
-    token = (
-        "replace(CAST(gen_random_uuid() AS TEXT), '-', '')" if pg else "lower(hex(randomblob(16)))"
+    # A repeated address: the first row counts, the others are rejected.
+    if pg:
+        duplicates = sql(
+            f"DELETE FROM nl_import d USING ({_REPEATED}) f "  # noqa: S608
+            "WHERE d.email = f.email AND d.line > f.first_line "
+            "RETURNING d.line, f.first_line, d.email"
+        ).all()
+    else:
+        repeats = (
+            f"SELECT d.line, f.first_line, d.email FROM nl_import d JOIN ({_REPEATED}) f "  # noqa: S608
+            "ON d.email = f.email WHERE d.line > f.first_line"
+        )
+        duplicates = sql(repeats).all()
+        if duplicates:
+            sql(f"DELETE FROM nl_import WHERE line IN (SELECT line FROM ({repeats}) r)")  # noqa: S608
+    rejected.extend(
+        (line, f"duplicate of line {first} ({email})") for line, first, email in duplicates
     )
-    imported = sql(
-        "INSERT INTO subscriptions (subscriber_id, list_id, status, token, soft_bounces, paused,"  # noqa: S608
-        " created_at, updated_at, confirmed_at) "
-        f"SELECT s.id, :list, :status, {token}, 0, :paused, :now, :now, :confirmed_at "
-        "FROM nl_import i JOIN subscribers s ON s.email = i.email "
-        "WHERE NOT EXISTS (SELECT 1 FROM subscriptions x "
-        "WHERE x.subscriber_id = s.id AND x.list_id = :list)",
+
+    suppressed = sql(
+        "DELETE FROM nl_import WHERE email_hash IN (SELECT email_hash FROM suppressions) "
+        "RETURNING line"
+    ).all()
+    rejected.extend((line, "address was erased or suppressed") for (line,) in suppressed)
+
+    # Who is a subscriber already, and their subscription to this list if any.
+    sql(
+        "CREATE TEMPORARY TABLE nl_known (line INTEGER NOT NULL, name TEXT, token TEXT NOT NULL,"
+        " subscriber_id BIGINT NOT NULL, renamed INTEGER NOT NULL, subscription_id BIGINT,"
+        " status VARCHAR(20))"
+    )
+    sql(
+        "INSERT INTO nl_known SELECT i.line, i.name, i.token, s.id, "
+        "CASE WHEN i.name IS NOT NULL AND (s.name IS NULL OR s.name <> i.name) THEN 1 ELSE 0 END,"
+        " sub.id, sub.status FROM nl_import i JOIN subscribers s ON s.email = i.email "
+        "LEFT JOIN subscriptions sub ON sub.subscriber_id = s.id AND sub.list_id = :list",
         list=list_id,
-        status=status.value,
-        paused=False,
-        now=now,
-        confirmed_at=now if status == SubscriptionStatus.ACTIVE else None,
-    ).rowcount
-    if imported:
+    )
+    left = sql(
+        "SELECT k.line, i.email, k.status FROM nl_known k "  # noqa: S608
+        f"JOIN nl_import i ON i.line = k.line WHERE k.status IN {_LEFT}"
+    ).all()
+    rejected.extend((line, f"{email} is {current}; not re-added") for line, email, current in left)
+
+    if strict and rejected:
+        _refuse_strict(name, report)
+
+    # Rows of people who are on the list and did not leave: a new name, pending -> active.
+    updated = sql(
+        f"SELECT COUNT(*) FROM nl_known k WHERE k.status NOT IN {_LEFT} "  # noqa: S608
+        "AND (k.renamed = 1 OR (k.status = 'pending' AND :confirming = 1))",
+        confirming=int(confirming),
+    ).scalar_one()
+    sql(
+        "UPDATE subscribers SET name = k.name FROM nl_known k "  # noqa: S608
+        "WHERE subscribers.id = k.subscriber_id AND k.renamed = 1 "
+        f"AND (k.status IS NULL OR k.status NOT IN {_LEFT})"
+    )
+    if confirming:
         sql(
             "INSERT INTO events (created_at, kind, source, subscriber_id, list_id, detail) "
-            "SELECT :now, 'imported', :source, sub.subscriber_id, :list, :status "
-            "FROM subscriptions sub WHERE sub.list_id = :list AND sub.created_at = :now",
+            "SELECT :now, 'confirmed', :source, k.subscriber_id, :list, NULL FROM nl_known k "
+            "WHERE k.status = 'pending'",
+            now=now,
+            source=source,
+            list=list_id,
+        )
+        sql(
+            "UPDATE subscriptions SET status = 'active', confirmed_at = :now, updated_at = :now "
+            "WHERE id IN (SELECT subscription_id FROM nl_known WHERE status = 'pending')",
+            now=now,
+        )
+
+    # New subscriptions: for new people, and for known people not yet on this list.
+    # Each statement reads the temporary tables, none reads what another wrote (one
+    # statement with RETURNING chaining them measured 10-20% slower at a million rows).
+    new_people = "WHERE NOT EXISTS (SELECT 1 FROM nl_known k WHERE k.line = i.line)"
+    if pg:  # the ids were drawn from the subscribers' sequence while loading
+        sql(
+            "INSERT INTO subscribers (id, email, name, attributes, created_at) "  # noqa: S608
+            "SELECT i.new_id, i.email, i.name, CAST(i.attributes AS JSON), :now "
+            f"FROM nl_import i {new_people}",
+            now=now,
+        )
+        person, new_rows = "i.new_id", f"nl_import i {new_people}"
+    else:
+        sql(
+            "INSERT INTO subscribers (email, name, attributes, created_at) "  # noqa: S608
+            f"SELECT i.email, i.name, i.attributes, :now FROM nl_import i {new_people}",
+            now=now,
+        )
+        person = "s.id"
+        new_rows = f"nl_import i JOIN subscribers s ON s.email = i.email {new_people}"
+    imported = 0
+    for who, token, rows_from in (
+        (person, "i.token", new_rows),
+        ("k.subscriber_id", "k.token", "nl_known k WHERE k.subscription_id IS NULL"),
+    ):
+        imported += sql(
+            "INSERT INTO subscriptions (subscriber_id, list_id, status, token, soft_bounces, "  # noqa: S608
+            f"paused, created_at, updated_at, confirmed_at) SELECT {who}, :list, :status, "
+            f"{token}, 0, :paused, :now, :now, :confirmed_at FROM {rows_from}",
+            list=list_id,
+            status=status.value,
+            paused=False,
+            now=now,
+            confirmed_at=now if confirming else None,
+        ).rowcount
+        sql(
+            "INSERT INTO events (created_at, kind, source, subscriber_id, list_id, detail) "  # noqa: S608
+            f"SELECT :now, 'imported', :source, {who}, :list, :status FROM {rows_from}",
             now=now,
             source=source,
             list=list_id,
             status=status.value,
         )
-    left = sum(1 for _line, reason in report.rejected if reason.endswith("; not re-added"))
-    suppressed = sum(1 for _l, r in report.rejected if r == "address was erased or suppressed")
-    existing_ids = {
-        sid
-        for (sid,) in sql(
-            "SELECT s.id FROM subscribers s JOIN nl_import i ON i.email = s.email "
-            "WHERE s.created_at <> :now",
-            now=now,
-        )
-    }
-    report.imported += imported
-    report.updated += len((renamed & existing_ids) | confirmed_ids)
-    report.unchanged += len(rows) - suppressed - imported - left - report.updated
+    sql("DROP TABLE nl_known")
     sql("DROP TABLE nl_import")
+    if pg and imported >= ANALYZE_AFTER:
+        # Fresh statistics for the freeze that usually follows a big import: without them
+        # the planner guesses the list's size from before the import (~0.3 s at 1M).
+        sql("ANALYZE subscriptions")
+    report.imported += imported
+    report.updated += updated
+    report.unchanged += (
+        rows.good - len(duplicates) - len(suppressed) - len(left) - imported - updated
+    )
 
 
 # --- export and listing ---
@@ -587,19 +732,21 @@ def iter_subscriptions(
     remaining = limit
     last = after_id
     while remaining is None or remaining > 0:
+        wanted = page if remaining is None else min(page, remaining)
         query = (
             select(Subscription, Subscriber)
             .join(Subscriber, Subscriber.id == Subscription.subscriber_id)
             .where(Subscription.list_id == mlist.id, Subscription.id > last)
             .order_by(Subscription.id)
-            .limit(page if remaining is None else min(page, remaining))
+            .limit(wanted)
         )
         if status is not None:
             query = query.where(Subscription.status == status)
         batch = session.execute(query).all()
-        if not batch:
-            return
         yield from batch
+        if len(batch) < wanted:
+            # The end of the list: asking again would only scan to its end once more.
+            return
         last = batch[-1][0].id
         if remaining is not None:
             remaining -= len(batch)
@@ -623,12 +770,47 @@ def export_csv(session: Session, list_slug: str, out: IO[str]) -> int:
     return n
 
 
-def read_text_stream(data: bytes, source: str) -> io.StringIO:
-    """Decode an uploaded CSV (UTF-8, with or without BOM) or fail with one clear line."""
+def read_text_stream(data: bytes, source: str) -> IO[str]:
+    """Decode an uploaded CSV (UTF-8, with or without BOM) or fail with one clear line.
+
+    The bytes are checked here, a slice at a time, and decoded again as they are read: a
+    StringIO of the whole text would hold a large file once more, at up to 4 bytes a
+    character (a 60 MB file: 240 MB).
+    """
+    if not data.isascii():
+        view = memoryview(data)
+        _check_utf8((view[at : at + _SLICE] for at in range(0, len(data), _SLICE)), source)
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8-sig", newline="")
+
+
+def open_text_file(path: Path, source: str) -> IO[str]:
+    """A CSV file (UTF-8, with or without BOM) opened for import_csv, checked first a slice
+    at a time, so that a file of any size costs a few MB of memory; or one clear line."""
     try:
-        return io.StringIO(data.decode("utf-8-sig"), newline="")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"{source}: not UTF-8 (byte {exc.start})") from None
+        with open(path, "rb") as raw:
+            _check_utf8(iter(lambda: raw.read(_SLICE), b""), source)
+        return open(path, encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise InvalidInput(f"{source}: {exc.strerror}") from None
+
+
+_SLICE = 1 << 20
+
+
+def _check_utf8(slices: Iterable[bytes | memoryview], source: str) -> None:
+    """Raise InvalidInput naming the offset of the first byte that is not UTF-8."""
+    done, pending = 0, b""
+    for piece in slices:
+        data = pending + piece if pending else piece
+        try:
+            # final=False: a character cut by the slice's end is completed by the next one.
+            used = codecs.utf_8_decode(data, "strict", False)[1]
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{source}: not UTF-8 (byte {done + exc.start})") from None
+        done += used
+        pending = bytes(data[used:])
+    if pending:  # the file ends inside a character
+        raise InvalidInput(f"{source}: not UTF-8 (byte {done})")
 
 
 # --- preferences ---

@@ -1,0 +1,157 @@
+"""CSV import beyond one chunk, on SQLite and PostgreSQL: what lands in the database (and
+what does not) when files are larger than the import's working set, repeat addresses, or
+hold values that need escaping on their way through COPY."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+from sqlalchemy import ColumnElement, func, select
+
+from newsletter import subscriptions
+from newsletter.errors import InvalidInput
+from newsletter.models import Event, Subscriber, Subscription, SubscriptionStatus
+from newsletter.runtime import Runtime
+
+KEY = "test-secret-key"
+ROWS = subscriptions._CHUNK_ROWS * 2 + 17  # three chunks
+
+
+@pytest.fixture
+def rt(db_url: str, make_runtime: Callable[..., Runtime]) -> Runtime:
+    rt = make_runtime(db_url)
+    with rt.sessions() as s, s.begin():
+        subscriptions.create_list(s, "world", "World Digest", "World Desk <desk@example.org>")
+    return rt
+
+
+def count(rt: Runtime, model: type, *where: ColumnElement[bool]) -> int:
+    with rt.sessions() as s:
+        return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+
+def do_import(
+    rt: Runtime, data: str, list_slug: str = "world", key: str = KEY, **kw: object
+) -> subscriptions.ImportReport:
+    with rt.sessions() as s, s.begin():
+        return subscriptions.import_csv(
+            s,
+            subscriptions.read_text_stream(data.encode("utf-8"), "in.csv"),
+            list_slug,
+            suppression_key=key,
+            name="in.csv",
+            **kw,  # type: ignore[arg-type]
+        )
+
+
+def many(n: int = ROWS, start: int = 0) -> str:
+    return "".join(f"reader{i}@example.org,Reader {i}\n" for i in range(start, start + n))
+
+
+def test_strict_import_of_several_chunks_with_a_bad_last_row_writes_nothing(rt: Runtime) -> None:
+    data = "email,name\n" + many() + "not-an-address,Last\n"
+    with pytest.raises(InvalidInput, match=rf"1 bad row\(s\), nothing imported .*line {ROWS + 2}"):
+        do_import(rt, data, strict=True, confirmed=True)
+    assert count(rt, Subscriber) == count(rt, Subscription) == count(rt, Event) == 0
+    # Without --strict the same file imports every good row.
+    report = do_import(rt, data, confirmed=True)
+    assert (report.imported, report.rejected) == (ROWS, [(ROWS + 2, report.rejected[0][1])])
+    assert count(rt, Subscription, Subscription.status == SubscriptionStatus.ACTIVE) == ROWS
+    assert count(rt, Event, Event.kind == "imported") == ROWS
+
+
+def test_strict_refuses_a_repeated_address_even_chunks_apart(rt: Runtime) -> None:
+    data = "email,name\n" + many() + "reader3@EXAMPLE.org,Again\n"
+    with pytest.raises(InvalidInput, match=r"nothing imported \(first: line .*duplicate of line 5"):
+        do_import(rt, data, strict=True)
+    assert count(rt, Subscriber) == count(rt, Event) == 0
+
+
+def test_repeats_in_the_file_keep_the_first_row(rt: Runtime) -> None:
+    data = (
+        "email,name\n"
+        "Ann@example.org,Ann Upper\n"  # line 2: the local part's case is the person's own
+        "ann@example.org,Ann Lower\n"  # line 3: a different address
+        + many()
+        + "ann@EXAMPLE.ORG,Ann Again\n"  # repeat of line 3: domains are case-blind
+        "Ann@Example.Org,Ann Twice\n"  # repeat of line 2
+    )
+    report = do_import(rt, data)
+    last = ROWS + 4
+    assert report.rejected == [
+        (last, "duplicate of line 3 (ann@example.org)"),
+        (last + 1, "duplicate of line 2 (Ann@example.org)"),
+    ]
+    assert (report.imported, report.updated, report.unchanged) == (ROWS + 2, 0, 0)
+    with rt.sessions() as s:
+        query = select(Subscriber.email, Subscriber.name).where(Subscriber.email.like("%nn@%"))
+        names = {email: name for email, name in s.execute(query)}
+    assert names == {"Ann@example.org": "Ann Upper", "ann@example.org": "Ann Lower"}
+
+
+def test_values_that_need_escaping_arrive_unchanged(rt: Runtime) -> None:
+    data = (
+        "email,name,note\n"
+        'tab@example.org,Tab\there,"quote "" and \\ backslash"\n'
+        "plain@example.org,Zoë Ünïcode,東京\n"
+        "o'neil+news@example.org,,\n"
+    )
+    assert do_import(rt, data).imported == 3
+    with rt.sessions() as s:
+        people = {p.email: p for p in s.scalars(select(Subscriber))}
+    assert people["tab@example.org"].name == "Tab\there"
+    assert people["tab@example.org"].attributes == {"note": 'quote " and \\ backslash'}
+    assert people["plain@example.org"].name == "Zoë Ünïcode"
+    assert people["plain@example.org"].attributes == {"note": "東京"}
+    assert people["o'neil+news@example.org"].name is None
+    assert people["o'neil+news@example.org"].attributes is None
+
+
+def test_imported_tokens_are_random_and_distinct(rt: Runtime) -> None:
+    do_import(rt, "email\n" + "".join(f"t{i}@example.org\n" for i in range(ROWS)))
+    with rt.sessions() as s:
+        tokens = list(s.scalars(select(Subscription.token)))
+    assert len(tokens) == len(set(tokens)) == ROWS
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", t) for t in tokens)  # 144 random bits
+
+
+def test_reimport_counts_each_row_once_and_leaves_who_left_alone(rt: Runtime) -> None:
+    do_import(rt, "email,name\nstay@example.org,Stay\nleft@example.org,Left\n", confirmed=True)
+    with rt.sessions() as s, s.begin():
+        subscriptions.unsubscribe(s, "left@example.org", "world", source="page")
+        subscriptions.create_list(s, "other", "Other", "Desk <desk@example.org>")
+    data = (
+        "email,name\n"
+        "stay@example.org,Stay Renamed\n"  # on the list: updated
+        "left@example.org,Left Renamed\n"  # left the list: rejected, untouched
+        "new@example.org,New\n"  # imported
+    )
+    report = do_import(rt, data)
+    assert (report.imported, report.updated, report.unchanged) == (1, 1, 0)
+    assert report.rejected == [(3, "left@example.org is unsubscribed; not re-added")]
+    with rt.sessions() as s:
+        names = {e: n for e, n in s.execute(select(Subscriber.email, Subscriber.name))}
+    assert names["left@example.org"] == "Left"
+    assert names["stay@example.org"] == "Stay Renamed"
+    # Known people joining another list (one of them with a new name) are imported there,
+    # once each: not also counted as updated.
+    report = do_import(rt, data.replace("Stay Renamed", "Stay Again"), list_slug="other")
+    assert (report.imported, report.updated, report.unchanged, report.rejected) == (3, 0, 0, [])
+    assert count(rt, Subscriber) == 3
+    assert count(rt, Event, Event.kind == "imported") == 2 + 1 + 3
+
+
+def test_erased_addresses_stay_out_with_a_long_key(rt: Runtime) -> None:
+    key = "k" * 100  # longer than SHA-256's block: HMAC hashes the key first
+    do_import(rt, "email\ngone@example.org\nkept@example.org\n", key=key)
+    with rt.sessions() as s, s.begin():
+        subscriptions.erase_subscriber(s, "gone@example.org", suppression_key=key, source="cli")
+    report = do_import(rt, "email\nkept@example.org\nGone@Example.org\ngone@EXAMPLE.org\n", key=key)
+    # Suppression is case-blind on the whole address (the hash is of the lower-cased form).
+    assert report.rejected == [
+        (3, "address was erased or suppressed"),
+        (4, "address was erased or suppressed"),
+    ]
+    assert (report.imported, report.unchanged) == (0, 1)
