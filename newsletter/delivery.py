@@ -21,12 +21,12 @@ docs/delivery-guarantees.md states what this promises and where SMTP leaves a wi
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
@@ -38,15 +38,19 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     exists,
     func,
     insert,
     literal,
+    literal_column,
+    null,
     or_,
     select,
+    text,
     update,
 )
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,6 +60,7 @@ from newsletter.feedback import issue_feedback
 from newsletter.message import CompiledMessage, IssueMessageSpec, Recipient, format_date
 from newsletter.message import make_message_id as _make_message_id
 from newsletter.models import (
+    DELIVERY_ERRORS,
     Batch,
     Delivery,
     DeliveryStatus,
@@ -80,7 +85,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DELIVERIES = cast(Table, Delivery.__table__)
+BATCHES = cast(Table, Batch.__table__)
 PENDING_STATES = (DeliveryStatus.QUEUED, DeliveryStatus.CLAIMED)
+NO_ARTICLE_REASON = "no article in this issue is in the reader's chosen sections"
 # The database went away for a moment (restart, failover, a killed connection): worth
 # another try on a fresh connection, unlike every other error.
 TRANSIENT_DB_ERRORS = (OperationalError, InterfaceError)
@@ -247,6 +254,7 @@ class IssueCache:
         self.dkim = dkim
         self.verp = verp
         self._items: dict[tuple[int, int | None], PreparedIssue] = {}
+        self._lock = threading.Lock()  # a threads-pool worker sends several batches at once
 
     def get(self, session: Session, issue_id: int, variant_id: int | None = None) -> PreparedIssue:
         prepared = self._items.get((issue_id, variant_id))
@@ -258,9 +266,10 @@ class IssueCache:
             assert mlist is not None
             variant = session.get(IssueVariant, variant_id) if variant_id is not None else None
             prepared = prepare_issue(issue, mlist, variant=variant, dkim=self.dkim, verp=self.verp)
-            if len(self._items) >= self.size:
-                self._items.pop(next(iter(self._items)))
-            self._items[(issue_id, variant_id)] = prepared
+            with self._lock:
+                if len(self._items) >= self.size:
+                    self._items.pop(next(iter(self._items)))
+                self._items[(issue_id, variant_id)] = prepared
         return prepared
 
 
@@ -288,14 +297,22 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
         session.refresh(issue)
         raise Conflict(f"issue {issue_id} is {issue.status.value}; only a draft can be sent")
     # Each reader is frozen with the variant for their section choice (rendered before
-    # this, in the same transaction, by issues.ensure_variants); NULL: the full digest.
+    # this, in the same transaction, by issues.ensure_variants); NULL: the full digest. A
+    # reader whose choice selects no article of this issue is frozen `skipped`, saying why,
+    # in the same statement. In reader order: the indexes on (issue, subscriber) and
+    # (subscriber) are then filled in order rather than at random.
+    empty = IssueVariant.article_count == 0
     audience = (
         select(
             literal(issue_id, Integer()),
             Subscription.subscriber_id,
-            literal(DeliveryStatus.QUEUED.value, String()),
+            case(
+                (empty, literal(DeliveryStatus.SKIPPED.value, String())),
+                else_=literal(DeliveryStatus.QUEUED.value, String()),
+            ),
             literal(0, Integer()),
             IssueVariant.id,
+            case((empty, literal(NO_ARTICLE_REASON, String())), else_=null()),
         )
         .select_from(Subscription)
         .join(
@@ -311,58 +328,67 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
             Subscription.status == SubscriptionStatus.ACTIVE,
             Subscription.paused.is_(False),
         )
+        .order_by(Subscription.subscriber_id)
     )
-    session.execute(
-        insert(DELIVERIES).from_select(
-            ["issue_id", "subscriber_id", "status", "attempts", "variant_id"], audience
+    freeze = insert(DELIVERIES).from_select(
+        ["issue_id", "subscriber_id", "status", "attempts", "variant_id", "last_error"], audience
+    )
+    # Batches are cut by arithmetic on the ids the freeze produced: every `batch_size`
+    # consecutive ids from the issue's first one make a batch, whose range is the least and
+    # greatest id in it. Ids of one INSERT are consecutive unless another transaction took
+    # some meanwhile (a concurrent freeze): a batch then holds fewer rows, never a row of
+    # another batch. Each batch starts with its rows' counts (issue_status sums them).
+    if session.get_bind().dialect.name == "postgresql":
+        # One statement: the frozen rows come back from the INSERT into a CTE and are
+        # counted there, instead of being read again from the table.
+        frozen: Any = freeze.returning(DELIVERIES.c.id, DELIVERIES.c.status).cte("frozen")
+    else:
+        session.execute(freeze)
+        frozen = (
+            select(DELIVERIES.c.id, DELIVERIES.c.status)
+            .where(DELIVERIES.c.issue_id == issue_id)
+            .subquery("frozen")
         )
-    )
-    empty = select(IssueVariant.id).where(
-        IssueVariant.issue_id == issue_id, IssueVariant.article_count == 0
-    )
-    session.execute(
-        update(DELIVERIES)
-        .where(DELIVERIES.c.issue_id == issue_id, DELIVERIES.c.variant_id.in_(empty))
-        .values(
-            status=DeliveryStatus.SKIPPED.value,
-            last_error="no article in this issue is in the reader's chosen sections",
+    queued = func.count(case((frozen.c.status == DeliveryStatus.QUEUED.value, 1)))
+    skipped = func.count(case((frozen.c.status == DeliveryStatus.SKIPPED.value, 1)))
+    offset = select(func.min(frozen.c.id)).scalar_subquery()
+    cut = (
+        select(
+            literal(issue_id, Integer()),
+            func.min(frozen.c.id),
+            func.max(frozen.c.id),
+            # Counted as enqueued from the start: the caller enqueues them right after the
+            # commit, and the reconciler must not race it into enqueuing them a second time.
+            case((queued > 0, literal(now, DateTime(timezone=True))), else_=null()),
+            queued,
+            skipped,
+            *(literal(0, Integer()) for _ in range(4)),
         )
+        .group_by((frozen.c.id - offset) // batch_size)
+        .order_by(func.min(frozen.c.id))
     )
-    starts = (
-        select(Delivery.id, func.row_number().over(order_by=Delivery.id).label("rn"))
-        .where(Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.QUEUED)
-        .subquery()
-    )
-    first_ids = list(
-        session.scalars(
-            select(starts.c.id).where((starts.c.rn - 1) % batch_size == 0).order_by(starts.c.id)
-        )
-    )
-    last_id = session.scalar(
-        select(func.max(Delivery.id)).where(
-            Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.QUEUED
-        )
-    )
-    bounds = [(a, b - 1) for a, b in itertools.pairwise(first_ids)]
-    if first_ids:
-        assert last_id is not None
-        bounds.append((first_ids[-1], last_id))
-    if not bounds:
+    counts = ["n_queued", "n_skipped", "n_claimed", "n_sent", "n_failed", "n_cancelled"]
+    batches = session.execute(
+        insert(BATCHES)
+        .from_select(["issue_id", "first_id", "last_id", "enqueued_at", *counts], cut)
+        .returning(BATCHES.c.id, BATCHES.c.n_queued)
+    ).all()
+    if session.get_bind().dialect.name == "postgresql":
+        # The planner has no statistics for the rows just written (autovacuum analyses a
+        # table later, or never): without them a claim reads the whole issue through
+        # (issue_id, status) instead of its batch's id range, and the reconciler's search
+        # for batches with work took minutes at a million. ANALYZE samples ~30,000 rows
+        # (~0.3 s at 1M) and counts this transaction's own rows.
+        session.execute(text("ANALYZE deliveries"))
+    # Batches with nothing queued (every reader in them skipped) are never enqueued: they
+    # only keep their rows' counts.
+    ids = sorted(batch_id for batch_id, n in batches if n)
+    if not ids:
         issue.status = IssueStatus.SENT
         issue.finished_at = now
         issue.status_reason = "nobody to send to (no confirmed reader wants this issue)"
         session.flush()
-        return []
-    # Counted as enqueued from the start: the caller enqueues them right after the commit,
-    # and the reconciler must not race it into enqueuing them a second time.
-    ids = session.scalars(
-        insert(Batch).returning(Batch.id, sort_by_parameter_order=True),
-        [
-            {"issue_id": issue_id, "first_id": a, "last_id": b, "enqueued_at": now}
-            for a, b in bounds
-        ],
-    ).all()
-    return list(ids)
+    return ids
 
 
 def mark_enqueued(
@@ -401,10 +427,12 @@ def claim_batch(
     if batch is None:
         raise NotFound(f"unknown batch {batch_id}")
     issue_id = batch.issue_id
+    # The batch row first: its counts change with the claim, in the same transaction.
+    locked = _lock_batches(session, BATCHES.c.id == batch_id)
+    now = utcnow()
     # A claim whose worker died is taken back here as well as by the reconciler: a batch task
     # that comes back after its worker was killed recovers the batch once the lease is over.
-    expire_leases(session, issue_id=issue_id, id_range=(batch.first_id, batch.last_id))
-    now = utcnow()
+    expired = sum(_expire_range(session, b, now) for b in locked)
     lease = now + timedelta(seconds=policy.lease_seconds)
     claimed: dict[int, int] = {
         row[0]: row[1]
@@ -426,6 +454,8 @@ def claim_batch(
         ).all()
     }
     if not claimed:
+        if expired:
+            _store_counts(session, locked)
         session.commit()
         return batch, []
     list_id = session.scalar(select(Issue.list_id).where(Issue.id == issue_id))
@@ -477,6 +507,8 @@ def claim_batch(
             ),
             skipped,
         )
+    # n_claimed > 0 from here on: the batch is counted live while it is sent.
+    _store_counts(session, locked)
     session.commit()
     return batch, ready
 
@@ -595,13 +627,22 @@ class BatchLease:
 def release_claims(session: Session, lease: BatchLease, from_id: int, to: DeliveryStatus) -> int:
     """Give back the rows of a batch from `from_id` on that were claimed but never tried:
     to `queued` (paused; or stopped for any other reason) or `cancelled`. Caller commits."""
-    return _rowcount(
+    first_id, last_id = lease.id_range
+    locked = _lock_batches(
+        session,
+        BATCHES.c.issue_id == lease.issue_id,
+        BATCHES.c.first_id == first_id,
+        BATCHES.c.last_id == last_id,
+    )
+    released = _rowcount(
         session.execute(
             update(DELIVERIES)
-            .where(DELIVERIES.c.id.between(from_id, lease.id_range[1]), lease.fenced())
+            .where(DELIVERIES.c.id.between(from_id, last_id), lease.fenced())
             .values(status=to.value, lease_expires_at=None, attempts=DELIVERIES.c.attempts - 1)
         )
     )
+    _store_counts(session, locked)
+    return released
 
 
 # --- record ---
@@ -627,6 +668,73 @@ _RECORD_SENT = (
         next_attempt_at=None,
     )
 )
+
+
+class _SentWriter:
+    """PostgreSQL (psycopg): the common outcome, `sent`, as ONE prepared statement in
+    autocommit on a connection of the batch's own: one round trip that is also the commit,
+    no BEGIN, no SQLAlchemy per message. The same condition as `_RECORD_SENT` (still
+    claimed, still carrying our lease), so it is just as fenced."""
+
+    SQL = (
+        "UPDATE deliveries SET status = 'sent', smtp_code = %s, smtp_reply = %s,"
+        " message_id = %s, sent_at = %s, lease_expires_at = NULL, last_error = NULL,"
+        " next_attempt_at = NULL"
+        " WHERE id = %s AND status = 'claimed' AND lease_expires_at = ANY(%s)"
+    )
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._raw: Any = None  # a pool connection (PoolProxiedConnection), taken on first use
+
+    @staticmethod
+    def fits(engine: Engine) -> bool:
+        return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+
+    def write(
+        self,
+        delivery_id: int,
+        leases: Sequence[datetime],
+        outcome: SendResult,
+        message_id: str,
+        now: datetime,
+    ) -> int:
+        """The number of rows written: 1, or 0 when the row is no longer ours."""
+        import psycopg
+
+        params = (outcome.code, outcome.reply[:1000], message_id, now, delivery_id, list(leases))
+        try:
+            if self._raw is None:
+                raw = self.engine.raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                driver.rollback()  # whatever the pool's ping left open
+                driver.autocommit = True
+                self._raw = raw
+            cursor = self._raw.driver_connection.execute(self.SQL, params, prepare=True)
+            return int(cursor.rowcount)
+        except psycopg.Error as exc:
+            self._discard()
+            # The same exception the rest of the ledger raises, so the caller's retry on a
+            # database that went away applies here too.
+            raise OperationalError(self.SQL, params, exc) from exc
+
+    def _discard(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            with contextlib.suppress(Exception):
+                raw.invalidate()
+
+    def close(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is None:
+            return
+        try:
+            raw.driver_connection.autocommit = False
+            raw.close()  # back to the pool as the pool gave it out
+        except Exception:
+            with contextlib.suppress(Exception):
+                raw.invalidate()
 
 
 def record_outcome(
@@ -785,6 +893,7 @@ def send_batch(
             _BatchSender(sessions, session, batch, claimed, policy, report).run(
                 transport, links, cache, throttle
             )
+            refresh_batch_counts(session, batch_id)  # the pass's outcomes, into its counts
         report.retry_at = next_check_at(session, batch)
         finish_if_done(session, batch.issue_id)
         session.commit()
@@ -818,6 +927,9 @@ class _BatchSender:
         # sender saw, or about once a second for other workers' failures.
         self._reset_due = True
         self._last_reset = 0.0
+        self._pending: Future[bool] | None = None  # a `sent` record still being written
+        engine = sessions.kw["bind"]
+        self.sent_writer = _SentWriter(engine) if _SentWriter.fits(engine) else None
 
     def run(
         self, transport: Transport, links: Links, cache: IssueCache, throttle: Throttle | None
@@ -829,6 +941,8 @@ class _BatchSender:
             with self.lease, session_of(transport) as conn:
                 self._loop(conn, prepared, links, throttle)
         finally:
+            if self.sent_writer is not None:
+                self.sent_writer.close()
             if self.untried < len(self.claimed):
                 self._release(self.claimed[self.untried].id)
 
@@ -857,56 +971,104 @@ class _BatchSender:
         links: Links,
         throttle: Throttle | None,
     ) -> None:
+        """Send the claimed rows in order, overlapping each `sent` record with the next
+        message: while message N's outcome is being written, message N+1 travels up to its
+        final "." (which commits nothing at the server), and the "." goes only once N's
+        record is in. So at most one accepted message is ever unrecorded, as when each
+        outcome was written before the next message started, but the write's round trip
+        and commit no longer stand between two messages."""
         date, date_at = format_date(), time.monotonic()
         connect_failure_counted = False
-        for index, delivery in enumerate(self.claimed):
-            self.untried = index
-            if not self.lease.may_send(delivery.id):
-                if self.lease.halted is not None or self.lease.lapsed:
-                    return
-                continue  # taken over by another worker after our lease lapsed
-            self.lease.progress()
-            if time.monotonic() - date_at > 1:
-                date, date_at = format_date(), time.monotonic()
-            message_id = ""
-            target = prepared[delivery.variant_id]
-            if isinstance(target, str):
-                outcome = SendResult(Outcome.PERMANENT, 0, target, "build")
-            else:
-                try:
-                    data, message_id = build_for(
-                        target,
-                        links,
-                        delivery_id=delivery.id,
-                        email=delivery.email,
-                        name=delivery.name,
-                        token=delivery.token,
-                        date=date,
-                    )
-                except Exception as exc:
-                    # A message that cannot be built will not build next time either: park it.
-                    log.warning("delivery %d: cannot build message: %s", delivery.id, exc)
-                    outcome = SendResult(
-                        Outcome.PERMANENT, 0, f"cannot build message: {exc}", "build"
-                    )
-                else:
-                    if throttle is not None:
-                        throttle(delivery.email)
-                        if not self.lease.may_send(delivery.id):
+        with ThreadPoolExecutor(1, thread_name_prefix="record") as recorder:
+            try:
+                for index, delivery in enumerate(self.claimed):
+                    self.untried = index
+                    if not self.lease.may_send(delivery.id):
+                        if self.lease.halted is not None or self.lease.lapsed:
                             return
+                        continue  # taken over by another worker after our lease lapsed
                     self.lease.progress()
+                    if time.monotonic() - date_at > 1:
+                        date, date_at = format_date(), time.monotonic()
+                    target = prepared[delivery.variant_id]
+                    outcome, message_id = self._send_one(
+                        conn, index, delivery, target, links, date, throttle
+                    )
+                    if outcome is None:  # paused, cancelled or lease lapsed meanwhile
+                        return
+                    self.lease.progress()
+                    # A server that refuses the connection fails the rest of the batch at
+                    # once with the same reply: one failure of the server, not one per reader.
+                    counted = not (outcome.stage == "connect" and connect_failure_counted)
+                    connect_failure_counted |= outcome.stage == "connect"
                     self.untried = index + 1
-                    outcome = conn.send(target.envelope_for(delivery.id), delivery.email, data)
-            self.lease.progress()
-            # A server that refuses the connection fails the rest of the batch at once with
-            # the same reply: one failure of the server, not one per reader.
-            counted = not (outcome.stage == "connect" and connect_failure_counted)
-            connect_failure_counted |= outcome.stage == "connect"
-            self.untried = index + 1
-            if self._record(delivery, outcome, message_id, counted=counted):
-                self.lease.halt(IssueStatus.PAUSED)
-                return
-        self.untried = len(self.claimed)
+                    self._settle()
+                    if outcome.outcome is Outcome.SENT:
+                        self._pending = recorder.submit(
+                            self._record, delivery, outcome, message_id, counted=counted
+                        )
+                    elif self._record(delivery, outcome, message_id, counted=counted):
+                        # Failures are written at once and in order: the count of
+                        # consecutive failures that pauses the issue sees each before the next.
+                        self.lease.halt(IssueStatus.PAUSED)
+                        return
+                self.untried = len(self.claimed)
+            finally:
+                self._settle()
+
+    def _send_one(
+        self,
+        conn: TransportSession,
+        index: int,
+        delivery: ClaimedDelivery,
+        target: PreparedIssue | str,
+        links: Links,
+        date: str,
+        throttle: Throttle | None,
+    ) -> tuple[SendResult | None, str]:
+        """Build and send one message. (None, "") when the batch must stop before it."""
+        if isinstance(target, str):
+            return SendResult(Outcome.PERMANENT, 0, target, "build"), ""
+        try:
+            data, message_id = build_for(
+                target,
+                links,
+                delivery_id=delivery.id,
+                email=delivery.email,
+                name=delivery.name,
+                token=delivery.token,
+                date=date,
+            )
+        except Exception as exc:
+            # A message that cannot be built will not build next time either: park it.
+            log.warning("delivery %d: cannot build message: %s", delivery.id, exc)
+            return SendResult(Outcome.PERMANENT, 0, f"cannot build message: {exc}", "build"), ""
+        if throttle is not None:
+            throttle(delivery.email)
+            if not self.lease.may_send(delivery.id):
+                return None, ""
+        self.lease.progress()
+        outcome = conn.begin(target.envelope_for(delivery.id), delivery.email, data)
+        if outcome is not None:
+            return outcome, message_id
+        # The server holds all of this message but its final ".": the previous record must
+        # be in before the server may take this one.
+        try:
+            self._settle()
+        except BaseException:
+            conn.abandon()
+            raise
+        if not self.lease.may_send(delivery.id):
+            conn.abandon()
+            return None, ""
+        self.untried = index + 1
+        return conn.finish(), message_id
+
+    def _settle(self) -> None:
+        """Wait for the `sent` record in flight, if any (its errors are raised here)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
 
     def _record(
         self, delivery: ClaimedDelivery, outcome: SendResult, message_id: str, *, counted: bool
@@ -915,18 +1077,32 @@ class _BatchSender:
         lease holds). Returns True when this failure made the issue pause itself."""
         session, report = self.session, self.report
         delay = 0.2
+        fast: list[DeliveryStatus | None] | None = None  # the `sent` write, once done
         while True:
             try:
                 with self.lease.lock:
-                    status = record_outcome(
-                        session,
-                        delivery,
-                        outcome,
-                        message_id=message_id,
-                        policy=self.policy,
-                        started_at=self.started_at,
-                        lease=self.lease.values,
-                    )
+                    if self.sent_writer is not None and outcome.outcome is Outcome.SENT:
+                        # Committed by itself (once, even if what follows is retried): the
+                        # session's transaction stays empty unless the failure count below
+                        # needs writing.
+                        if fast is None:
+                            written = self.sent_writer.write(
+                                delivery.id, self.lease.values, outcome, message_id, utcnow()
+                            )
+                            fast = [DeliveryStatus.SENT if written else None]
+                        status = fast[0]
+                        touched = False
+                    else:
+                        touched = True
+                        status = record_outcome(
+                            session,
+                            delivery,
+                            outcome,
+                            message_id=message_id,
+                            policy=self.policy,
+                            started_at=self.started_at,
+                            lease=self.lease.values,
+                        )
                     paused = False
                     if status is not None:
                         if outcome.hard_bounce and self.list_id is not None:
@@ -940,10 +1116,12 @@ class _BatchSender:
                                 policy=self.policy,
                                 error=outcome.describe(),
                             )
+                            touched = True
                             self._reset_due = failed
                             if not failed:
                                 self._last_reset = time.monotonic()
-                    session.commit()
+                    if touched:
+                        session.commit()
                     self.lease.owned.discard(delivery.id)
                 break
             except TRANSIENT_DB_ERRORS as exc:
@@ -1078,13 +1256,14 @@ def resume_issue(session: Session, issue_id: int) -> list[int]:
         raise Conflict(
             f"issue {issue_id} is {issue.status.value}; only a paused or sending issue can resume"
         )
+    # Batches before the issue row: the order in which every writer locks them.
+    expire_leases(session, issue_id=issue_id)
     session.execute(
         update(Issue)
         .where(Issue.id == issue_id)
         .values(status=IssueStatus.SENDING, status_reason=None, consecutive_failures=0)
         .execution_options(synchronize_session=False)
     )
-    expire_leases(session, issue_id=issue_id)
     return batches_with_work(session, issue_id=issue_id, due_only=False, include_claimed=True)
 
 
@@ -1095,6 +1274,10 @@ def cancel_issue(session: Session, issue_id: int) -> int:
     issue = _issue(session, issue_id)
     if issue.status not in (IssueStatus.SENDING, IssueStatus.PAUSED, IssueStatus.DRAFT):
         raise Conflict(f"issue {issue_id} is {issue.status.value} and cannot be cancelled")
+    # Every batch whose rows change, locked before the issue row and the deliveries.
+    locked = _lock_batches(
+        session, BATCHES.c.issue_id == issue_id, or_(BATCHES.c.n_queued > 0, _LIVE)
+    )
     session.execute(
         update(Issue)
         .where(Issue.id == issue_id)
@@ -1115,7 +1298,18 @@ def cancel_issue(session: Session, issue_id: int) -> int:
             .values(status=DeliveryStatus.CANCELLED.value)
         )
     )
-    return cancelled + expire_leases(session, issue_id=issue_id)
+    # A batch nobody is sending has exact counts (see Batch): its queued rows are now
+    # cancelled, no need to count them again. Those being sent are counted again.
+    session.execute(
+        update(BATCHES)
+        .where(BATCHES.c.issue_id == issue_id, BATCHES.c.n_claimed == 0, BATCHES.c.n_queued > 0)
+        .values(n_cancelled=BATCHES.c.n_cancelled + BATCHES.c.n_queued, n_queued=0)
+    )
+    live = [b for b in locked if b.n_claimed > 0]
+    now = utcnow()
+    expired = sum(_expire_range(session, b, now) for b in live)
+    _store_counts(session, live)
+    return cancelled + expired
 
 
 def expire_leases(
@@ -1124,25 +1318,85 @@ def expire_leases(
     """Claimed rows whose worker died go back to queued (to cancelled, if the issue was
     cancelled meanwhile). This is the one place a message can be sent twice: the worker may
     have had its 250 and died before recording it."""
+    return _settle_batches(session, issue_id=issue_id, id_range=id_range)
+
+
+def _settle_batches(
+    session: Session,
+    *,
+    issue_id: int | None = None,
+    id_range: tuple[int, int] | None = None,
+    sweep_cancelled: bool = False,
+) -> int:
+    """Batch by batch, under the batch's lock: expired claims go back (expire_leases), and
+    with `sweep_cancelled` queued rows of cancelled issues become cancelled; each batch
+    touched stores its counts again, as does a batch counted live that nobody holds any
+    more (a worker that died between its last outcome and the end of its pass). Returns
+    the rows changed."""
     now = utcnow()
+    in_batch = and_(
+        DELIVERIES.c.issue_id == BATCHES.c.issue_id,
+        DELIVERIES.c.id.between(BATCHES.c.first_id, BATCHES.c.last_id),
+        DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
+    )
+    # Only a batch counted live can hold claimed rows (see Batch).
+    wanted: Any = and_(
+        _LIVE,
+        or_(
+            exists().where(in_batch, DELIVERIES.c.lease_expires_at < now),
+            ~exists().where(in_batch),
+        ),
+    )
+    cancelled = select(Issue.id).where(Issue.status == IssueStatus.CANCELLED)
+    if sweep_cancelled:
+        wanted = or_(
+            wanted,
+            and_(BATCHES.c.issue_id.in_(cancelled), or_(BATCHES.c.n_queued > 0, _LIVE)),
+        )
+    where = [wanted]
+    if issue_id is not None:
+        where.append(BATCHES.c.issue_id == issue_id)
+    else:  # only unfinished issues can hold claims
+        unfinished = (IssueStatus.SENDING, IssueStatus.PAUSED, IssueStatus.CANCELLED)
+        where.append(BATCHES.c.issue_id.in_(select(Issue.id).where(Issue.status.in_(unfinished))))
+    if id_range is not None:
+        where += [BATCHES.c.first_id <= id_range[1], BATCHES.c.last_id >= id_range[0]]
+    locked = _lock_batches(session, *where)
+    changed = 0
+    for batch in locked:
+        changed += _expire_range(session, batch, now)
+        if sweep_cancelled:
+            # A worker that gave rows back as the operator cancelled may have put them back
+            # in the queue a moment after the cancel swept it.
+            changed += _rowcount(
+                session.execute(
+                    update(DELIVERIES)
+                    .where(
+                        DELIVERIES.c.issue_id == batch.issue_id,
+                        DELIVERIES.c.id.between(batch.first_id, batch.last_id),
+                        DELIVERIES.c.status == DeliveryStatus.QUEUED.value,
+                        DELIVERIES.c.issue_id.in_(cancelled),
+                    )
+                    .values(status=DeliveryStatus.CANCELLED.value)
+                )
+            )
+    _store_counts(session, locked)
+    return changed
+
+
+def _expire_range(session: Session, batch: Any, now: datetime) -> int:
+    """Expired claims of one (locked) batch back to queued, or cancelled if the issue is."""
     expired = [
+        DELIVERIES.c.issue_id == batch.issue_id,
+        DELIVERIES.c.id.between(batch.first_id, batch.last_id),
         DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
         DELIVERIES.c.lease_expires_at < now,
     ]
-    if issue_id is not None:
-        expired.append(DELIVERIES.c.issue_id == issue_id)
-    else:  # only unfinished issues can hold claims: lets the (issue_id, status) index serve
-        unfinished = (IssueStatus.SENDING, IssueStatus.PAUSED, IssueStatus.CANCELLED)
-        expired.append(
-            DELIVERIES.c.issue_id.in_(select(Issue.id).where(Issue.status.in_(unfinished)))
-        )
-    if id_range is not None:
-        expired.append(DELIVERIES.c.id.between(*id_range))
-    cancelled_issues = select(Issue.id).where(Issue.status == IssueStatus.CANCELLED)
+    cancelled = exists().where(Issue.id == batch.issue_id, Issue.status == IssueStatus.CANCELLED)
     count = _rowcount(
         session.execute(
             update(DELIVERIES)
-            .where(*expired, DELIVERIES.c.issue_id.in_(cancelled_issues))
+            .where(*expired, cancelled)
             .values(status=DeliveryStatus.CANCELLED.value, lease_expires_at=None)
         )
     )
@@ -1157,6 +1411,68 @@ def expire_leases(
             )
         )
     )
+
+
+# --- per-batch counts (see Batch) ---
+
+_COUNTS = {status: BATCHES.c[f"n_{status.value}"] for status in DeliveryStatus}
+# Literal SQL (no bound parameter), like the predicate PostgreSQL compares it with.
+_LIVE = BATCHES.c.n_claimed > literal_column("0")
+_BATCH_KEY = (
+    BATCHES.c.id,
+    BATCHES.c.issue_id,
+    BATCHES.c.first_id,
+    BATCHES.c.last_id,
+    BATCHES.c.n_claimed,
+)
+
+
+def refresh_batch_counts(session: Session, batch_id: int) -> None:
+    """Count the batch's rows by status again and store the counts on the batch row. Called
+    at the end of each sending pass, whose outcomes were written one by one without
+    touching the batch row (they are counted live meanwhile). Caller commits."""
+    _store_counts(session, _lock_batches(session, BATCHES.c.id == batch_id))
+
+
+def recount_batches(session: Session, issue_id: int) -> None:
+    """Count every batch of the issue again (after rows were changed behind the ledger's
+    back, e.g. by hand in SQL): one pass over the issue's deliveries. Caller commits."""
+    _store_counts(session, _lock_batches(session, BATCHES.c.issue_id == issue_id))
+
+
+def _lock_batches(session: Session, *where: Any) -> list[Any]:
+    """Lock the batch rows matching `where`, in id order, and return their (id, issue_id,
+    first_id, last_id, n_claimed). Whatever changes the statuses of a batch's rows in bulk
+    takes the batch's lock first (then the issue's, then the deliveries'): the counts it
+    stores then cover every change committed before, and none is made meanwhile."""
+    query = select(*_BATCH_KEY).where(*where).order_by(BATCHES.c.id)
+    if session.get_bind().dialect.name == "postgresql":
+        return list(session.execute(query.with_for_update()).all())
+    # SQLite has no row locks: a write takes the database's write lock, and what this
+    # transaction reads from then on is the latest and stays so.
+    session.execute(update(BATCHES).where(*where).values(n_claimed=BATCHES.c.n_claimed))
+    return list(session.execute(query).all())
+
+
+def _store_counts(session: Session, batches: Sequence[Any]) -> None:
+    """Count the rows of each (locked) batch by status over its id range (a primary key
+    range scan of at most BATCH_SIZE rows) and store the counts on it."""
+    for batch in batches:
+        counts = dict.fromkeys(_COUNTS, 0)
+        for status, n in session.execute(
+            select(DELIVERIES.c.status, func.count())
+            .where(
+                DELIVERIES.c.issue_id == batch.issue_id,
+                DELIVERIES.c.id.between(batch.first_id, batch.last_id),
+            )
+            .group_by(DELIVERIES.c.status)
+        ):
+            counts[DeliveryStatus(status)] = n
+        session.execute(
+            update(BATCHES)
+            .where(BATCHES.c.id == batch.id)
+            .values({_COUNTS[status]: n for status, n in counts.items()})
+        )
 
 
 def batches_with_work(
@@ -1201,19 +1517,8 @@ def reconcile(session: Session, *, requeue_after: timedelta, broker_idle: bool) 
     """One pass of the periodic reconciler. Expires dead leases, finishes issues with nothing
     left, and returns batches to re-enqueue: those with due rows not enqueued for a while,
     only when the broker queue is empty (a busy queue still holds their tasks)."""
-    expire_leases(session)
-    # A worker that gave rows back as the operator cancelled may have put them back in the
-    # queue a moment after the cancel swept it.
-    session.execute(
-        update(DELIVERIES)
-        .where(
-            DELIVERIES.c.status == DeliveryStatus.QUEUED.value,
-            DELIVERIES.c.issue_id.in_(
-                select(Issue.id).where(Issue.status == IssueStatus.CANCELLED)
-            ),
-        )
-        .values(status=DeliveryStatus.CANCELLED.value)
-    )
+    # Expired leases back, and queued rows of cancelled issues cancelled (see _settle_batches).
+    _settle_batches(session, sweep_cancelled=True)
     for issue_id in session.scalars(select(Issue.id).where(Issue.status == IssueStatus.SENDING)):
         finish_if_done(session, issue_id)
     if not broker_idle:
@@ -1229,28 +1534,65 @@ def _issue(session: Session, issue_id: int) -> Issue:
 
 
 def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:
-    rows = session.execute(
-        select(Delivery.status, func.count())
-        .where(Delivery.issue_id == issue_id)
-        .group_by(Delivery.status)
+    """The issue's deliveries by status, without counting them: the sum of its batches'
+    counts (a few thousand rows at a million deliveries), except that a batch being sent
+    right now (n_claimed > 0, a handful) is counted live over its id range, so the figures
+    move while it is in flight."""
+    live_key = case((_LIVE, BATCHES.c.id), else_=null())
+    groups = session.execute(
+        select(
+            live_key,
+            func.min(BATCHES.c.first_id),
+            func.max(BATCHES.c.last_id),
+            *(func.coalesce(func.sum(column), 0) for column in _COUNTS.values()),
+        )
+        .where(BATCHES.c.issue_id == issue_id)
+        .group_by(live_key)
     ).all()
-    counts = {s.value: 0 for s in DeliveryStatus}
-    for status, n in rows:
-        counts[DeliveryStatus(status).value] = n
+    counts = dict.fromkeys((s.value for s in DeliveryStatus), 0)
+    live: list[tuple[int, int]] = []
+    for live_id, first_id, last_id, *sums in groups:
+        if live_id is not None:
+            live.append((first_id, last_id))
+            continue
+        for status, n in zip(_COUNTS, sums, strict=True):
+            counts[status.value] += int(n)
+    if live:
+        for status, n in session.execute(
+            select(DELIVERIES.c.status, func.count())
+            .where(
+                DELIVERIES.c.issue_id == issue_id,
+                or_(*(DELIVERIES.c.id.between(a, b) for a, b in live)),
+            )
+            .group_by(DELIVERIES.c.status)
+        ):
+            counts[DeliveryStatus(status).value] += n
     return counts
 
 
 def issue_status(session: Session, issue_id: int) -> dict[str, Any]:
-    issue = _issue(session, issue_id)
+    # Core tables only, no ORM entity: `issues status` runs in a new process each time, where
+    # setting up the ORM's mappers would cost more than the queries.
+    issues = cast(Table, Issue.__table__).c
+    issue = session.execute(
+        select(
+            issues.id,
+            issues.subject,
+            issues.status,
+            issues.status_reason,
+            issues.consecutive_failures,
+            issues.send_started_at,
+            issues.finished_at,
+        ).where(issues.id == issue_id)
+    ).first()
+    if issue is None:
+        raise NotFound(f"unknown issue {issue_id}")
     counts = delivery_counts(session, issue_id)
+    # The newest five, read backwards from a partial index that holds only such rows.
     errors = session.execute(
-        select(Delivery.id, Delivery.last_error)
-        .where(
-            Delivery.issue_id == issue_id,
-            Delivery.status.in_((DeliveryStatus.FAILED, DeliveryStatus.QUEUED)),
-            Delivery.last_error.is_not(None),
-        )
-        .order_by(Delivery.id.desc())
+        select(DELIVERIES.c.id, DELIVERIES.c.last_error)
+        .where(DELIVERIES.c.issue_id == issue_id, DELIVERY_ERRORS)
+        .order_by(DELIVERIES.c.id.desc())
         .limit(5)
     ).all()
     return {
@@ -1264,7 +1606,7 @@ def issue_status(session: Session, issue_id: int) -> dict[str, Any]:
         "send_started_at": issue.send_started_at.isoformat() if issue.send_started_at else None,
         "finished_at": issue.finished_at.isoformat() if issue.finished_at else None,
         "last_errors": [{"delivery": i, "error": e} for i, e in errors],
-        "feedback": issue_feedback(session, issue_id),
+        "feedback": issue_feedback(session, issue_id, sent=counts["sent"]),
     }
 
 

@@ -24,9 +24,9 @@ import enum
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import Table, and_, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -389,20 +389,23 @@ def _delivered_since_last_soft_bounce(
 # --- per-issue figures and the complaint brake ---------------------------------------------------
 
 
-def issue_feedback(session: Session, issue_id: int) -> dict[str, Any]:
+def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) -> dict[str, Any]:
     """Bounce and complaint counts of one issue and their rates over the messages sent:
     ``{"sent", "hard_bounces", "soft_bounces", "complaints", "unsubscribes",
-    "hard_bounce_rate", "complaint_rate"}``."""
+    "hard_bounce_rate", "complaint_rate"}``. Pass `sent` when it is known (issue_status
+    has it from the batch counts): counting it is a scan of the issue's sent deliveries."""
+    events = cast(Table, BounceEvent.__table__).c  # Core: see delivery.issue_status
     rows = session.execute(
-        select(BounceEvent.kind, func.count())
+        select(events.kind, func.count())
         .where(
-            BounceEvent.issue_id == issue_id,
-            BounceEvent.outcome.not_in((Outcome.DUPLICATE.value, Outcome.IGNORED.value)),
+            events.issue_id == issue_id,
+            events.outcome.not_in((Outcome.DUPLICATE.value, Outcome.IGNORED.value)),
         )
-        .group_by(BounceEvent.kind)
+        .group_by(events.kind)
     ).all()
     by_kind = {kind: n for kind, n in rows}
-    sent = _sent(session, issue_id)
+    if sent is None:
+        sent = _sent(session, issue_id)
     figures: dict[str, Any] = {
         "sent": sent,
         "hard_bounces": by_kind.get(EventType.HARD_BOUNCE.value, 0),

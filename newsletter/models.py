@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import Enum as SAEnum
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -108,7 +109,13 @@ class Subscription(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
         UniqueConstraint("subscriber_id", "list_id"),
+        # The freeze reads a list's active readers in subscriber order.
         Index("ix_subscriptions_list_status", "list_id", "status", "subscriber_id"),
+        # A page of a list, and of a list's readers in one status, in id order (keyset
+        # paging): without these a page of a small list after a big one, or of a rare
+        # status, reads up to the whole table (migration 0004).
+        Index("ix_subscriptions_list_id_page", "list_id", "id"),
+        Index("ix_subscriptions_list_status_page", "list_id", "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -221,7 +228,16 @@ class IssueVariant(Base):
 
 
 class Batch(Base):
-    """A range of delivery ids handed to one task; the reconciler re-enqueues lost ones."""
+    """A range of delivery ids handed to one task; the reconciler re-enqueues lost ones.
+
+    Every delivery of an issue lies in exactly one of its batches' ranges (a range may also
+    hold other issues' ids: every query filters on issue_id too). The batch keeps its rows'
+    counts by status, so that an issue's status is a sum over its batches rather than a
+    count over its deliveries (newsletter.delivery.delivery_counts). The counts are exact
+    whenever n_claimed is 0; a batch with n_claimed > 0 is being sent (its rows change one
+    by one without touching this row) and is counted live instead. Whatever changes the
+    statuses of a batch's rows in bulk holds the batch row's lock and stores its counts
+    again in the same transaction (delivery.refresh_batch_counts)."""
 
     __tablename__ = "batches"
 
@@ -230,6 +246,17 @@ class Batch(Base):
     first_id: Mapped[int] = mapped_column(BigInteger)
     last_id: Mapped[int] = mapped_column(BigInteger)
     enqueued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    n_queued: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_claimed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_sent: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_failed: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_skipped: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    n_cancelled: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+# The rows `issues status` lists as its last errors. Literal SQL, not bound parameters, so
+# that PostgreSQL can prove a query uses the partial index below even with a generic plan.
+DELIVERY_ERRORS = text("last_error IS NOT NULL AND status IN ('failed', 'queued')")
 
 
 class Delivery(Base):
@@ -237,20 +264,32 @@ class Delivery(Base):
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        UniqueConstraint("issue_id", "subscriber_id"),
+        # One delivery per reader and issue (a second freeze is impossible). Reader first:
+        # the same index finds a reader's deliveries (erasure, bounces), one index fewer to
+        # fill at each of a freeze's million inserts.
+        UniqueConstraint("subscriber_id", "issue_id"),
         Index("ix_deliveries_issue_status", "issue_id", "status"),
+        Index(
+            "ix_deliveries_issue_errors",
+            "issue_id",
+            "id",
+            postgresql_where=DELIVERY_ERRORS,
+            sqlite_where=DELIVERY_ERRORS,
+        ),
     )
 
+    # No foreign keys on this table: the freeze inserts a million rows in one statement, and
+    # PostgreSQL checks a foreign key with one query per inserted row (half the freeze's
+    # time). The rows come from existing subscriptions of a locked issue, and what the keys'
+    # ON DELETE did is done by triggers (migration 0003): deleting a subscriber (erasure)
+    # sets subscriber_id NULL, deleting an issue deletes its deliveries, deleting a variant
+    # sets variant_id NULL.
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    issue_id: Mapped[int] = mapped_column(ForeignKey("issues.id", ondelete="CASCADE"))
-    subscriber_id: Mapped[int | None] = mapped_column(
-        ForeignKey("subscribers.id", ondelete="SET NULL"), index=True
-    )
+    issue_id: Mapped[int] = mapped_column(Integer)
+    subscriber_id: Mapped[int | None] = mapped_column(BigId)
     status: Mapped[DeliveryStatus] = mapped_column(_enum(DeliveryStatus, "delivery_status"))
     # The section variant the reader gets; None: the full digest on the issue row.
-    variant_id: Mapped[int | None] = mapped_column(
-        ForeignKey("issue_variants.id", ondelete="SET NULL")
-    )
+    variant_id: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(String(1000))
     smtp_code: Mapped[int | None] = mapped_column(Integer)

@@ -340,9 +340,14 @@ class Workers:
         self.started: list[WorkerProcess] = []
         self.pool = ThreadPoolExecutor(max_workers=4)
 
-    def launch(self, env: dict[str, str], concurrency: int = 1) -> Future[WorkerProcess]:
+    def launch(
+        self, env: dict[str, str], concurrency: int = 1, pool: str = "prefork"
+    ) -> Future[WorkerProcess]:
         worker = WorkerProcess(
-            env, self.tmp_path / f"worker{len(self.started)}.log", concurrency=concurrency
+            env,
+            self.tmp_path / f"worker{len(self.started)}.log",
+            concurrency=concurrency,
+            pool=pool,
         )
         self.started.append(worker)
         return self.pool.submit(worker.start, 120)

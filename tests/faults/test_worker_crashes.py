@@ -86,6 +86,48 @@ def test_a_worker_killed_mid_batch_loses_nobody(
     assert status_of(rt, issue_id)["status"] == "sent"
 
 
+def test_a_killed_threads_worker_costs_at_most_one_duplicate_per_connection(
+    pg_url: str,
+    rt: Runtime,
+    redis_server: RedisServer,
+    smtp: FaultSmtpServer,
+    workers: Workers,
+    reconciler: Callable[[dict[str, str]], Reconciler],
+) -> None:
+    """A threads-pool worker sends two batches at once, each over its own connection, and
+    overlaps each record with the next message. Killed while both connections sit between
+    the server's acceptance and the record, it costs one duplicate per connection: two."""
+    addresses = readers(40)
+    env = fault_env(pg_url, redis_server, smtp, batch_size=10)
+    first = workers.launch(env, concurrency=2, pool="threads")
+    issue_id = seed(rt, addresses)
+    victims = (addresses[5], addresses[15])  # the sixth message of each of the two batches
+    stalls = [Stall("data", lambda a, v=v: a == v, accepted=True) for v in victims]
+    smtp.recorder.stalls.extend(stalls)
+    worker = first.result()
+
+    newsletter("issues", "send", str(issue_id), env=env)
+    for stall in stalls:
+        assert stall.reached.wait(90), "a sending thread never reached its victim's DATA"
+    workers.kill(worker)
+
+    workers.launch(env)
+    recon = reconciler(env)
+    wait_finished(rt, issue_id)
+    check_delivery(
+        rt,
+        issue_id,
+        smtp.recorder,
+        scenario="SIGKILL a threads worker (2 connections), both between the 250 and the commit",
+        eligible=addresses,
+        duplicates=2,
+        note="threads pool, concurrency 2",
+    )
+    assert recon.requeued() >= 1
+    rows = deliveries(rt, issue_id)
+    assert all(rows[v].attempts == 2 for v in victims)
+
+
 def test_a_killed_pool_process_recovers_without_beat_or_a_new_worker(
     pg_url: str,
     rt: Runtime,
