@@ -168,12 +168,8 @@ def subs_import(
     as_json: JsonOpt = False,
 ) -> None:
     """Import a CSV with a header row (email required; name and other columns optional)."""
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise InvalidInput(f"{file}: {exc.strerror}") from None
-    stream = subscriptions.read_text_stream(data, str(file))
-    with transaction() as s:
+    # Read as it is imported, never held whole: a million-row file stays a few MB.
+    with subscriptions.open_text_file(file, str(file)) as stream, transaction() as s:
         report = subscriptions.import_csv(
             s,
             stream,
@@ -223,8 +219,9 @@ def subs_list(
     except ValueError:
         choices = ", ".join(s.value for s in SubscriptionStatus)
         raise InvalidInput(f"unknown status {status!r} (choose from {choices})") from None
+    # Streamed as the pages come (--limit may be the whole list): never a list in memory.
     with transaction() as s:
-        rows = [
+        rows = (
             {
                 "id": sub.id,
                 "email": person.email,
@@ -235,12 +232,32 @@ def subs_list(
             for sub, person in subscriptions.iter_subscriptions(
                 s, list_slug, status=wanted, after_id=after, limit=limit
             )
-        ]
-    if as_json:
-        out(rows)
+        )
+        if as_json:
+            out_stream(rows)
+            return
+        for r in rows:
+            sys.stdout.write(f"{r['id']}\t{r['email']}\t{r['name'] or ''}\t{r['status']}\n")
+        sys.stdout.flush()
+
+
+def out_stream(items: Iterator[dict[str, Any]]) -> None:
+    """What out(list(items)) prints, written item by item. Nothing is written before the
+    first item is there, so an error (an unknown list) leaves no half-written output."""
+    first = next(items, None)
+    if first is None:
+        out([])
         return
-    for r in rows:
-        typer.echo(f"{r['id']}\t{r['email']}\t{r['name'] or ''}\t{r['status']}")
+    write = sys.stdout.write
+    write("[\n")
+    item: dict[str, Any] | None = first
+    while item is not None:
+        text = json.dumps(item, indent=2, default=str, ensure_ascii=False)
+        write("  " + text.replace("\n", "\n  "))
+        item = next(items, None)
+        write(",\n" if item is not None else "\n")
+    write("]\n")
+    sys.stdout.flush()
 
 
 @subs_app.command("unsubscribe")
@@ -514,11 +531,8 @@ def _final(issue_id: int) -> None:
 @issues_app.command("status")
 def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
     """Counts per delivery status, and why the issue stopped if it did."""
-    from newsletter import feedback
-
     with transaction() as s:
-        st = delivery.issue_status(s, issue_id)
-        st.setdefault("feedback", feedback.issue_feedback(s, issue_id))
+        st = delivery.issue_status(s, issue_id)  # with its bounce and complaint figures
     if as_json:
         out(st)
         return

@@ -116,8 +116,14 @@ def list_subscribers(
     limit: int = Query(100, ge=1, le=1000),
     ctx: WebContext = Depends(web_context),
 ) -> dict[str, Any]:
-    """A page of subscribers, oldest first; pass `next_after` as `after` for the next."""
+    """A page of subscribers, oldest first; pass `next_after` as `after` for the next.
+    `next_after` is null on the last page (one more row is read to know that)."""
     with ctx.transaction() as s:
+        rows = list(
+            subscriptions.iter_subscriptions(
+                s, slug, status=status, after_id=after, limit=limit + 1
+            )
+        )
         items = [
             {
                 "id": sub.id,
@@ -129,11 +135,9 @@ def list_subscribers(
                 "subscribed_at": sub.created_at.isoformat() if sub.created_at else None,
                 "confirmed_at": sub.confirmed_at.isoformat() if sub.confirmed_at else None,
             }
-            for sub, person in subscriptions.iter_subscriptions(
-                s, slug, status=status, after_id=after, limit=limit
-            )
+            for sub, person in rows[:limit]
         ]
-    return {"items": items, "next_after": items[-1]["id"] if len(items) == limit else None}
+    return {"items": items, "next_after": items[-1]["id"] if len(rows) > limit else None}
 
 
 @router.post("/lists/{slug}/subscribers", status_code=201, tags=["subscribers"])
