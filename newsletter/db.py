@@ -30,6 +30,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     kwargs.setdefault("pool_pre_ping", True)
+    # A batch in flight holds three connections (its session, its outcome writer, its
+    # lease checks): a threads-pool worker sending 8 batches needs 24, and SQLAlchemy's
+    # default of 5 + 10 overflow made the 9th-and-later batches wait 30 s for one.
+    kwargs.setdefault("pool_size", 10)
+    kwargs.setdefault("max_overflow", 40)
     return create_engine(url, **kwargs)
 
 
