@@ -49,6 +49,8 @@ Prints plain `name: value` lines:
     db_rows_updated_per_msg      rows updated (deliveries, batches, issue), per message
     db_rows_inserted_per_msg     rows inserted during the send, per message
     db_wal_bytes_per_msg         WAL written by the whole server during the send, per message
+    db_deliveries_bytes_per_reader  size of the deliveries table with its indexes after the
+                                 send, per reader: what the ledger costs on disk per message
     message_bytes                size of one message
     code_version                 the commit measured (and uncommitted product changes, if any)
     load_before / load_after     1-minute load average around the timed send
@@ -591,6 +593,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "worker_cpu_ms": 1000 * worker_cpu / n,
             "first_seconds": state["first_sent"].timestamp() - t0,
             **{f"db_{k}_per_msg": (db_after[k] - db_before[k]) / n for k in db_before},
+            "deliveries_bytes_per_reader": db_after["deliveries_bytes"] / n,
         }
 
 
@@ -604,7 +607,8 @@ def db_counters(database_url: str) -> dict[str, int]:
             row = conn.execute(
                 text(
                     "SELECT xact_commit, tup_updated, tup_inserted,"
-                    " pg_current_wal_lsn() - '0/0'::pg_lsn"
+                    " pg_current_wal_lsn() - '0/0'::pg_lsn,"
+                    " pg_total_relation_size('deliveries')"
                     " FROM pg_stat_database WHERE datname = current_database()"
                 )
             ).one()
@@ -615,6 +619,7 @@ def db_counters(database_url: str) -> dict[str, int]:
         "rows_updated": int(row[1]),
         "rows_inserted": int(row[2]),
         "wal_bytes": int(row[3]),
+        "deliveries_bytes": int(row[4]),  # table, its indexes and TOAST
     }
 
 
@@ -782,6 +787,7 @@ def main() -> int:
     print(f"e2e_worker_cpu_ms_per_msg: {med('worker_cpu_ms'):.2f}")
     for key in ("commits", "rows_updated", "rows_inserted", "wal_bytes"):
         print(f"db_{key}_per_msg: {med(f'db_{key}_per_msg'):.2f}")
+    print(f"db_deliveries_bytes_per_reader: {med('deliveries_bytes_per_reader'):.0f}")
     print(f"message_bytes: {runs[0]['message_bytes']}")
     print(f"code_version: {code_version()}")
     print(f"load_before: {med('load_before'):.2f}")

@@ -1493,17 +1493,25 @@ def batches_with_work(
         )
     if include_claimed:
         waiting = or_(waiting, Delivery.status == DeliveryStatus.CLAIMED)
+    # One primary-key range probe per batch: a correlated scalar subquery, which PostgreSQL
+    # never turns into a join, and "issue_id + 0" keeps it off the (issue_id, status) index.
+    # As an EXISTS the planner joined every batch to every pending row when its statistics
+    # were stale: 1-3 minutes for the reconciler at a million deliveries, now under 1 s.
+    probe = (
+        select(Delivery.id)
+        .where(
+            Delivery.id.between(Batch.first_id, Batch.last_id),
+            (Delivery.issue_id + 0) == Batch.issue_id,
+            waiting,
+        )
+        .limit(1)
+        .correlate(Batch)
+        .scalar_subquery()
+    )
     query = (
         select(Batch.id)
         .join(Issue, Issue.id == Batch.issue_id)
-        .where(
-            Issue.status == IssueStatus.SENDING,
-            exists().where(
-                Delivery.issue_id == Batch.issue_id,
-                Delivery.id.between(Batch.first_id, Batch.last_id),
-                waiting,
-            ),
-        )
+        .where(Issue.status == IssueStatus.SENDING, probe.is_not(None))
         .order_by(Batch.id)
     )
     if issue_id is not None:
