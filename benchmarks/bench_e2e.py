@@ -69,7 +69,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -80,6 +79,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+from _million import scratch_database  # noqa: E402
 from _smtp import Message, SmtpSink, smtplib_reference  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
@@ -136,27 +136,6 @@ def code_version() -> str:
 
 
 # --- services ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    name = f"newsletter_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 @contextmanager
@@ -496,7 +475,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     n = args.subscribers
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_e2e_")))
-        database_url = stack.enter_context(scratch_database())
+        database_url = stack.enter_context(scratch_database(f"newsletter_bench_{os.getpid()}"))
         broker_url = stack.enter_context(scratch_redis())
         sink = stack.enter_context(SmtpSink())
         env = cli_env(

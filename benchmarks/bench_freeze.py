@@ -68,7 +68,6 @@ import statistics
 import subprocess
 import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,7 +78,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from sqlalchemy import Engine, create_engine, event, func, select, text  # noqa: E402
+from _million import scratch_database  # noqa: E402
+from sqlalchemy import Engine, event, func, select, text  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get(
     "NEWSLETTER_BENCH_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -103,29 +103,6 @@ def emit(name: str, value: object) -> None:
 
 def load1() -> float:
     return os.getloadavg()[0]
-
-
-@contextmanager
-def scratch_database() -> Iterator[str]:
-    name = f"newsletter_bench_freeze_{uuid.uuid4().hex[:8]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    log(f"scratch database {name}")
-    try:
-        yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with admin.connect() as conn:
-            conn.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :n AND pid <> pg_backend_pid()"
-                ),
-                {"n": name},
-            )
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
-        log(f"dropped {name}")
 
 
 @contextmanager
@@ -620,7 +597,11 @@ def main() -> int:
     from newsletter.db import upgrade
     from newsletter.runtime import Runtime
 
-    with sigterm_as_exit(), scratch_database() as url, scratch_redis() as redis_url:
+    with (
+        sigterm_as_exit(),
+        scratch_database("newsletter_bench_freeze") as url,
+        scratch_redis() as redis_url,
+    ):
         env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
         settings = {
             "database_url": url,
