@@ -79,7 +79,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from _million import scratch_database  # noqa: E402
+from _million import cli_env, scratch_database, scratch_redis  # noqa: E402
 from _smtp import Message, SmtpSink, smtplib_reference  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
@@ -136,25 +136,6 @@ def code_version() -> str:
 
 
 # --- services ----------------------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_redis() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
-
-
-def cli_env(**settings: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
-    env.update({f"NEWSLETTER_{k.upper()}": v for k, v in settings.items()})
-    return env
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 600) -> str:
@@ -476,7 +457,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     with ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_e2e_")))
         database_url = stack.enter_context(scratch_database(f"newsletter_bench_{os.getpid()}"))
-        broker_url = stack.enter_context(scratch_redis())
+        broker_url = stack.enter_context(scratch_redis(REDIS_URL))
         sink = stack.enter_context(SmtpSink())
         env = cli_env(
             database_url=database_url,

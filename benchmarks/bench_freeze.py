@@ -78,7 +78,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _million import scratch_database  # noqa: E402
+from _million import scratch_database, scratch_redis  # noqa: E402
 from sqlalchemy import Engine, event, func, select, text  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get(
@@ -103,19 +103,6 @@ def emit(name: str, value: object) -> None:
 
 def load1() -> float:
     return os.getloadavg()[0]
-
-
-@contextmanager
-def scratch_redis() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @contextmanager
@@ -600,7 +587,7 @@ def main() -> int:
     with (
         sigterm_as_exit(),
         scratch_database("newsletter_bench_freeze") as url,
-        scratch_redis() as redis_url,
+        scratch_redis(REDIS_URL) as redis_url,
     ):
         env = {k: v for k, v in os.environ.items() if not k.startswith("NEWSLETTER_")}
         settings = {
