@@ -881,10 +881,11 @@ def send_batch(
 ) -> BatchReport:
     """Claim a batch, send it over ONE transport session, record each outcome as it goes.
 
-    The batch keeps one database connection for all its commits (one per message): handing
-    it back to the pool after each commit would cost a checkout and a pre-ping per message.
-    A connection that dies is invalidated by the failed statement and reconnects on the
-    next one, which the outcome writer retries."""
+    The batch keeps its database connections for all its commits (one per message): its
+    session's, and on PostgreSQL the `sent` writer's (_SentWriter); handing them back to
+    the pool after each commit would cost a checkout and a pre-ping per message. A
+    connection that dies is invalidated by the failed statement and reconnects on the next
+    one, which the outcome writer retries."""
     engine = sessions.kw["bind"]
     with engine.connect() as connection, sessions(bind=connection) as session:
         batch, claimed = claim_batch(session, batch_id, policy)
