@@ -21,8 +21,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import feedparser
-
 __all__ = [
     "SAMPLE_ARTICLES_DIR",
     "ArticleParseError",
@@ -426,6 +424,8 @@ def parse_feed(
         headers["content-type"] = "application/xml; charset=utf-8"
     else:
         raw = data
+    import feedparser  # here, not at the top: it costs every CLI command 40 ms to import
+
     # A stream, never a str/bytes: feedparser would treat those as a URL or a filename.
     result = feedparser.parse(
         io.BytesIO(raw), response_headers=headers, resolve_relative_uris=False

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import delivery, subscriptions
 from newsletter.articles import ArticleParseError, parse_source
 from newsletter.config import ConfigError, get_settings
 from newsletter.db import upgrade
@@ -291,6 +291,8 @@ def articles_ingest(
     section: Annotated[str | None, typer.Option("--section", help="Override the section.")] = None,
 ) -> None:
     """Ingest article files. A file that cannot be parsed is an error and adds nothing."""
+    from newsletter import issues  # the composer and premailer: only where needed
+
     parsed = []
     for name in paths:
         try:
@@ -383,6 +385,8 @@ def issues_compose(
     as_json: JsonOpt = False,
 ) -> None:
     """Compose a draft issue from the list's next articles; prints its id."""
+    from newsletter import issues  # the composer and premailer: only where needed
+
     r = rt()
     with transaction() as s:
         issue = issues.compose_issue(
@@ -408,6 +412,8 @@ def issues_preview(
     out_dir: Annotated[Path, typer.Option("--out", help="Directory.")] = Path("preview"),
 ) -> None:
     """Write ID.html, ID.txt and ID.eml exactly as a subscriber receives them."""
+    from newsletter import issues  # the composer and premailer: only where needed
+
     with transaction() as s:
         paths = issues.write_preview(s, issue_id, rt().links, out_dir, dkim=rt().dkim_signer)
     for p in paths:
@@ -423,6 +429,8 @@ def issues_send(
     ] = None,
 ) -> None:
     """Freeze the audience and send (through the workers when BROKER_URL is set)."""
+    from newsletter import issues  # the composer and premailer: only where needed
+
     r = rt()
     if test_to:
         _send_test(issue_id, test_to)
@@ -454,6 +462,7 @@ def issues_send(
 
 
 def _send_test(issue_id: int, address: str) -> None:
+    from newsletter import issues  # the composer and premailer: only where needed
     from newsletter.transport import Outcome, session_of
 
     r = rt()

@@ -15,7 +15,6 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.bounces import Verp
-from newsletter.compose import make_environment
 from newsletter.config import Settings
 from newsletter.db import make_engine, make_sessionmaker
 from newsletter.delivery import DeliveryPolicy, IssueCache, Links
@@ -63,6 +62,8 @@ class Runtime:
 
     @cached_property
     def templates(self) -> jinja2.Environment:
+        from newsletter.compose import make_environment  # premailer: only when rendering
+
         return make_environment(self.settings.templates_dir)
 
     @property
