@@ -329,3 +329,70 @@ def slope_mb_per_min(samples: Sequence[tuple[float, float]]) -> float:
         return 0.0
     cov = sum((t - mean_t) * (m - mean_m) for t, m in samples)
     return 60 * cov / var
+
+
+class Worker:
+    """One `newsletter worker` process (Celery prefork or threads), in its own process group,
+    logging to a file."""
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        concurrency: int = 1,
+        name: str = "bench",
+        pool: str = "prefork",
+    ) -> None:
+        self.log_path = log_path
+        self.pool = pool
+        self.name = name
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            newsletter_argv(
+                "worker",
+                "--loglevel",
+                "INFO",
+                "--concurrency",
+                str(concurrency),
+                "--pool",
+                pool,
+                "--hostname",
+                f"{name}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ),
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        # Celery logs "celery@host ready." (at INFO) once the pool is up.
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited early:\n{self.tail()}")
+            if b" ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.tail()}")
+
+    def pool_pids(self) -> list[int]:
+        """The processes that send: the prefork children, or the worker itself (threads)."""
+        if self.pool != "prefork":
+            return [self.proc.pid]
+        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        try:
+            return [int(p) for p in path.read_text().split()]
+        except OSError:
+            return []
+
+    def tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        kill_group(self.proc)
+        self._log.close()

@@ -79,7 +79,7 @@ for _path in (ROOT, Path(__file__).resolve().parent):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from _million import cli_env, scratch_database, scratch_redis  # noqa: E402
+from _million import Worker, cli_env, scratch_database, scratch_redis  # noqa: E402
 from _smtp import Message, SmtpSink, smtplib_reference  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
@@ -152,78 +152,6 @@ def cli(*args: str, env: dict[str, str], timeout: float = 600) -> str:
             f"newsletter {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
         )
     return proc.stdout
-
-
-class Worker:
-    """One `newsletter worker` process (Celery prefork), in its own process group."""
-
-    def __init__(
-        self, env: dict[str, str], log_path: Path, concurrency: int, name: str, pool: str
-    ) -> None:
-        self.log_path = log_path
-        self.pool = pool
-        self.name = name
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "newsletter.cli",
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--concurrency",
-                str(concurrency),
-                "--pool",
-                pool,
-                "--hostname",
-                f"{name}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ],
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 60) -> None:
-        # Celery logs "celery@host ready." (at INFO) once the pool is up.
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited early:\n{self.tail()}")
-            if b" ready." in self.log_path.read_bytes():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"worker {self.name} not ready in {timeout}s:\n{self.tail()}")
-
-    def pool_pids(self) -> list[int]:
-        """The processes that send: the prefork children, or the worker itself (threads)."""
-        if self.pool != "prefork":
-            return [self.proc.pid]
-        path = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
-        try:
-            return [int(p) for p in path.read_text().split()]
-        except OSError:
-            return []
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
-        self._log.close()
 
 
 class Profiler:

@@ -38,7 +38,6 @@ import os
 import re
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,13 +51,12 @@ for _path in (HERE.parent, HERE):
 
 from _million import (  # noqa: E402
     BASE_URL,
-    ROOT,
     SECRET,
     Measured,
+    Worker,
     build_world,
     children,
     cli_env,
-    kill_group,
     load1,
     log,
     newsletter_argv,
@@ -110,50 +108,6 @@ def measured(name: str, argv: list[str], env: dict[str, str], figures: dict[str,
 
 def python_argv(code: str) -> list[str]:
     return [sys.executable, "-c", code]
-
-
-class Worker:
-    """`newsletter worker --concurrency 1` in its own process group, logging to a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.log_path = log_path
-        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            newsletter_argv(
-                "worker",
-                "--loglevel",
-                "INFO",
-                "--concurrency",
-                "1",
-                "--hostname",
-                "benchmem@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ),
-            env=env,
-            cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the worker exited early:\n{self.tail()}")
-            if b" ready." in self.log_path.read_bytes():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"the worker was not ready in {timeout:.0f} s:\n{self.tail()}")
-
-    def tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        kill_group(self.proc)  # type: ignore[arg-type]
-        self._log.close()
 
 
 def sample_worker(
@@ -261,7 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, str]:
 
         sink = stack.enter_context(SmtpSink())
         worker_env = dict(env, NEWSLETTER_SMTP_URL=f"smtp://{sink.host}:{sink.port}")
-        worker = Worker(worker_env, workdir / "worker.log")
+        worker = Worker(worker_env, workdir / "worker.log", name="benchmem")
         stack.callback(worker.stop)
         worker.wait_ready()
         log(
