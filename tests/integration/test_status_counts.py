@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
 from newsletter import delivery, issues, subscriptions
 from newsletter.db import make_engine, upgrade
@@ -71,6 +72,19 @@ def send(rt: Runtime, batch_id: int) -> delivery.BatchReport:
     )
 
 
+def record_sent(rt: Runtime, s: Session, row: delivery.ClaimedDelivery) -> None:
+    """What a worker writes when the server took the message (caller commits)."""
+    delivery.record_outcome(
+        s,
+        row,
+        SendResult(Outcome.SENT, 250, "2.0.0 queued", "data"),
+        message_id=f"<d{row.id}@example.org>",
+        policy=rt.policy,
+        started_at=None,
+        lease=[row.lease] if row.lease else None,
+    )
+
+
 def test_counts_agree_through_a_normal_send(rt: Runtime) -> None:
     issue_id = seed_world(rt, confirmed=12, pending=2, unsubscribed=2)
     batch_ids = freeze(rt, issue_id, batch_size=5)
@@ -93,15 +107,7 @@ def test_counts_move_while_a_batch_is_in_flight(rt: Runtime) -> None:
     # The worker writes each outcome as it goes, without touching the batch row.
     with rt.sessions() as s:
         for number, row in enumerate(claimed[:3], start=1):
-            delivery.record_outcome(
-                s,
-                row,
-                SendResult(Outcome.SENT, 250, "2.0.0 queued", "data"),
-                message_id=f"<d{row.id}@example.org>",
-                policy=rt.policy,
-                started_at=None,
-                lease=[row.lease] if row.lease else None,
-            )
+            record_sent(rt, s, row)
             s.commit()
             assert status(rt, issue_id) == {"sent": number, "claimed": 6 - number}
     assert live_batches(rt, issue_id) == 1
@@ -117,15 +123,7 @@ def test_counts_follow_an_operator_stopping_a_batch_midway(rt: Runtime, action: 
         batch, claimed = delivery.claim_batch(s, batch_ids[1], rt.policy)
     with rt.sessions() as s:
         for row in claimed[:2]:
-            delivery.record_outcome(
-                s,
-                row,
-                SendResult(Outcome.SENT, 250, "2.0.0 queued", "data"),
-                message_id=f"<d{row.id}@example.org>",
-                policy=rt.policy,
-                started_at=None,
-                lease=[row.lease] if row.lease else None,
-            )
+            record_sent(rt, s, row)
             s.commit()
     assert status(rt, issue_id) == {"sent": 7, "claimed": 3, "queued": 2}
     with rt.sessions() as s, s.begin():
@@ -213,15 +211,7 @@ def test_a_worker_that_died_after_its_last_outcome_is_still_counted_right(rt: Ru
     with rt.sessions() as s:
         _batch, claimed = delivery.claim_batch(s, batch_id, rt.policy)
         for row in claimed:
-            delivery.record_outcome(
-                s,
-                row,
-                SendResult(Outcome.SENT, 250, "2.0.0 queued", "data"),
-                message_id=f"<d{row.id}@example.org>",
-                policy=rt.policy,
-                started_at=None,
-                lease=[row.lease] if row.lease else None,
-            )
+            record_sent(rt, s, row)
             s.commit()
     # ... and never ended its pass: the batch is still counted live, and right.
     assert status(rt, issue_id) == {"sent": 2}
