@@ -26,9 +26,9 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from select import select as wait_readable
 from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import (
@@ -539,6 +539,12 @@ class BatchLease:
         self.id_range = (batch.first_id, batch.last_id)
         self.policy = policy
         self.lock = threading.Lock()
+        # The sending loop's `sent` write in flight (see _BatchSender._send_record): a renewal
+        # waits for it, and no new one starts while a renewal waits or runs, so that a write
+        # never meets rows whose lease changed under it.
+        self.changed = threading.Condition(self.lock)
+        self.writing = False
+        self.renewing = False
         # Every value our rows may carry: normally one; two after a renewal whose commit
         # failed without our knowing whether it landed.
         self.values: list[datetime] = sorted({d.lease for d in claimed if d.lease is not None})
@@ -598,30 +604,43 @@ class BatchLease:
                         return
                     now = time.monotonic()
                     alive = now - self._last_progress < self.policy.lease_seconds
-                    if now >= next_renewal and alive:
-                        self._renew(session)
+                    if now >= next_renewal and alive and self._renew(session):
                         next_renewal = time.monotonic() + self.policy.renew_seconds
             except Exception as exc:  # the database is away: try again next tick
                 log.warning("issue %d: lease check failed (%s); retrying", self.issue_id, exc)
 
-    def _renew(self, session: Session) -> None:
+    def _renew(self, session: Session) -> bool:
+        """Renew, once the write in flight (if any) is in. False: none came back within a
+        few seconds (a stuck loop; it stops making progress and its lease runs out)."""
         with self.lock:
-            started = time.monotonic()
-            new = utcnow() + timedelta(seconds=self.policy.lease_seconds)
+            self.renewing = True
             try:
-                kept = session.scalars(
-                    update(DELIVERIES)
-                    .where(DELIVERIES.c.id.between(*self.id_range), self.fenced())
-                    .values(lease_expires_at=new)
-                    .returning(DELIVERIES.c.id)
-                ).all()
-                session.commit()
-            except Exception:
-                self.values = [*self.values[-2:], new]  # the write may have landed
-                raise
-            self.values = [new]
-            self.owned &= set(kept)
-            self.valid_until = started + self.policy.lease_seconds - self.policy.lease_margin
+                if not self.changed.wait_for(lambda: not self.writing, timeout=5.0):
+                    return False
+                self._renew_rows(session)
+                return True
+            finally:
+                self.renewing = False
+                self.changed.notify_all()
+
+    def _renew_rows(self, session: Session) -> None:
+        """Move our rows to a new lease (the caller holds the lock)."""
+        started = time.monotonic()
+        new = utcnow() + timedelta(seconds=self.policy.lease_seconds)
+        try:
+            kept = session.scalars(
+                update(DELIVERIES)
+                .where(DELIVERIES.c.id.between(*self.id_range), self.fenced())
+                .values(lease_expires_at=new)
+                .returning(DELIVERIES.c.id)
+            ).all()
+            session.commit()
+        except Exception:
+            self.values = [*self.values[-2:], new]  # the write may have landed
+            raise
+        self.values = [new]
+        self.owned &= set(kept)
+        self.valid_until = started + self.policy.lease_seconds - self.policy.lease_margin
 
 
 def release_claims(session: Session, lease: BatchLease, from_id: int, to: DeliveryStatus) -> int:
@@ -674,18 +693,27 @@ class _SentWriter:
     """PostgreSQL (psycopg): the common outcome, `sent`, as ONE prepared statement in
     autocommit on a connection of the batch's own: one round trip that is also the commit,
     no BEGIN, no SQLAlchemy per message. The same condition as `_RECORD_SENT` (still
-    claimed, still carrying our lease), so it is just as fenced."""
+    claimed, still carrying our lease), so it is just as fenced.
+
+    Split in two for the sending loop: `send` hands the statement to the server (libpq,
+    parameters already text: no cursor, no adapters) and returns at once; `collect` waits
+    for its result. Between the two the sender's thread carries on with the next message,
+    so the write costs no thread hand-off and the wait for the server happens outside the
+    GIL (select on the socket), where a blocking read inside libpq would hold it."""
 
     SQL = (
-        "UPDATE deliveries SET status = 'sent', smtp_code = %s, smtp_reply = %s,"
-        " message_id = %s, sent_at = %s, lease_expires_at = NULL, last_error = NULL,"
+        "UPDATE deliveries SET status = 'sent', smtp_code = $1, smtp_reply = $2,"
+        " message_id = $3, sent_at = $4, lease_expires_at = NULL, last_error = NULL,"
         " next_attempt_at = NULL"
-        " WHERE id = %s AND status = 'claimed' AND lease_expires_at = ANY(%s)"
+        " WHERE id = $5 AND status = 'claimed' AND lease_expires_at = ANY($6)"
     )
+    NAME = b"nl_record_sent"
+    TIMEOUT = 60.0  # seconds for one result: past it the connection is treated as dead
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._raw: Any = None  # a pool connection (PoolProxiedConnection), taken on first use
+        self._busy = False  # a statement was sent and its result not yet read
 
     @staticmethod
     def fits(engine: Engine) -> bool:
@@ -700,35 +728,117 @@ class _SentWriter:
         now: datetime,
     ) -> int:
         """The number of rows written: 1, or 0 when the row is no longer ours."""
+        self.send(delivery_id, leases, outcome, message_id, now)
+        return self.collect()
+
+    def send(
+        self,
+        delivery_id: int,
+        leases: Sequence[datetime],
+        outcome: SendResult,
+        message_id: str,
+        now: datetime,
+    ) -> None:
+        """Send the write without waiting for it (`collect` reads its result)."""
         import psycopg
 
-        params = (outcome.code, outcome.reply[:1000], message_id, now, delivery_id, list(leases))
+        params = [
+            str(outcome.code).encode(),
+            outcome.reply[:1000].replace("\x00", "").encode(),
+            message_id.encode(),
+            now.isoformat().encode(),
+            str(delivery_id).encode(),
+            ("{" + ",".join(f'"{lease.isoformat()}"' for lease in leases) + "}").encode(),
+        ]
         try:
-            if self._raw is None:
-                raw = self.engine.raw_connection()
-                driver = raw.driver_connection
-                assert driver is not None
-                driver.rollback()  # whatever the pool's ping left open
-                driver.autocommit = True
-                self._raw = raw
-            cursor = self._raw.driver_connection.execute(self.SQL, params, prepare=True)
-            return int(cursor.rowcount)
+            pgconn = self._connection()
+            pgconn.send_query_prepared(self.NAME, params)
+            self._busy = True
+        except psycopg.Error as exc:
+            self._discard()
+            raise OperationalError(self.SQL, params, exc) from exc
+
+    def collect(self) -> int:
+        """Wait for the write `send` sent: the number of rows written (0 or 1)."""
+        import psycopg
+        from psycopg import pq
+
+        try:
+            result = self._result()
+            if result.status != pq.ExecStatus.COMMAND_OK:
+                message = (result.error_message or b"").decode(errors="replace").strip()
+                raise psycopg.OperationalError(message or f"status {result.status}")
+            return int(result.command_tuples or 0)
         except psycopg.Error as exc:
             self._discard()
             # The same exception the rest of the ledger raises, so the caller's retry on a
             # database that went away applies here too.
-            raise OperationalError(self.SQL, params, exc) from exc
+            raise OperationalError(self.SQL, None, exc) from exc
+
+    def _connection(self) -> Any:
+        """The libpq connection, autocommit, with the statement prepared on it."""
+        import psycopg
+
+        if self._raw is None:
+            raw = self.engine.raw_connection()
+            try:
+                driver = raw.driver_connection
+                assert driver is not None
+                driver.rollback()  # whatever the pool's ping left open
+                driver.autocommit = True
+                # Prepared once per connection; looked up once per batch, because psycopg
+                # deallocates every prepared statement of a connection after some commands.
+                pgconn = driver.pgconn
+                ok = psycopg.pq.ExecStatus.COMMAND_OK
+                if pgconn.describe_prepared(self.NAME).status != ok:
+                    result = pgconn.prepare(self.NAME, self.SQL.encode())
+                    if result.status != ok:
+                        raise psycopg.OperationalError(
+                            (result.error_message or b"").decode(errors="replace")
+                        )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    raw.invalidate()
+                raise
+            self._raw = raw
+        return self._raw.driver_connection.pgconn
+
+    def _result(self) -> Any:
+        """The one result of the statement in flight, read without holding the GIL while
+        the server works (libpq's blocking read would hold it)."""
+        import psycopg
+
+        pgconn = self._raw.driver_connection.pgconn
+        deadline = time.monotonic() + self.TIMEOUT
+        pgconn.consume_input()
+        while pgconn.is_busy():
+            left = deadline - time.monotonic()
+            if left <= 0 or not wait_readable([pgconn.socket], [], [], left)[0]:
+                raise psycopg.OperationalError("no reply from the database")
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        while pgconn.get_result() is not None:  # the end of this statement's results
+            pass
+        self._busy = False
+        if result is None:
+            raise psycopg.OperationalError("no result from the database")
+        return result
 
     def _discard(self) -> None:
         raw, self._raw = self._raw, None
+        self._busy = False
         if raw is not None:
             with contextlib.suppress(Exception):
                 raw.invalidate()
 
     def close(self) -> None:
-        raw, self._raw = self._raw, None
+        raw = self._raw
         if raw is None:
             return
+        if self._busy:  # a result never read: the connection's state is unknown
+            self._discard()
+            return
+        self._raw = None
         try:
             raw.driver_connection.autocommit = False
             raw.close()  # back to the pool as the pool gave it out
@@ -928,7 +1038,9 @@ class _BatchSender:
         # sender saw, or about once a second for other workers' failures.
         self._reset_due = True
         self._last_reset = 0.0
-        self._pending: Future[bool] | None = None  # a `sent` record still being written
+        # A `sent` record sent to the database and not yet read back: (delivery, outcome,
+        # message id, counted), see _send_record.
+        self._pending: tuple[ClaimedDelivery, SendResult, str, bool] | None = None
         engine = sessions.kw["bind"]
         self.sent_writer = _SentWriter(engine) if _SentWriter.fits(engine) else None
 
@@ -980,42 +1092,39 @@ class _BatchSender:
         and commit no longer stand between two messages."""
         date, date_at = format_date(), time.monotonic()
         connect_failure_counted = False
-        with ThreadPoolExecutor(1, thread_name_prefix="record") as recorder:
-            try:
-                for index, delivery in enumerate(self.claimed):
-                    self.untried = index
-                    if not self.lease.may_send(delivery.id):
-                        if self.lease.halted is not None or self.lease.lapsed:
-                            return
-                        continue  # taken over by another worker after our lease lapsed
-                    self.lease.progress()
-                    if time.monotonic() - date_at > 1:
-                        date, date_at = format_date(), time.monotonic()
-                    target = prepared[delivery.variant_id]
-                    outcome, message_id = self._send_one(
-                        conn, index, delivery, target, links, date, throttle
-                    )
-                    if outcome is None:  # paused, cancelled or lease lapsed meanwhile
+        try:
+            for index, delivery in enumerate(self.claimed):
+                self.untried = index
+                if not self.lease.may_send(delivery.id):
+                    if self.lease.halted is not None or self.lease.lapsed:
                         return
-                    self.lease.progress()
-                    # A server that refuses the connection fails the rest of the batch at
-                    # once with the same reply: one failure of the server, not one per reader.
-                    counted = not (outcome.stage == "connect" and connect_failure_counted)
-                    connect_failure_counted |= outcome.stage == "connect"
-                    self.untried = index + 1
-                    self._settle()
-                    if outcome.outcome is Outcome.SENT:
-                        self._pending = recorder.submit(
-                            self._record, delivery, outcome, message_id, counted=counted
-                        )
-                    elif self._record(delivery, outcome, message_id, counted=counted):
-                        # Failures are written at once and in order: the count of
-                        # consecutive failures that pauses the issue sees each before the next.
-                        self.lease.halt(IssueStatus.PAUSED)
-                        return
-                self.untried = len(self.claimed)
-            finally:
+                    continue  # taken over by another worker after our lease lapsed
+                self.lease.progress()
+                if time.monotonic() - date_at > 1:
+                    date, date_at = format_date(), time.monotonic()
+                target = prepared[delivery.variant_id]
+                outcome, message_id = self._send_one(
+                    conn, index, delivery, target, links, date, throttle
+                )
+                if outcome is None:  # paused, cancelled or lease lapsed meanwhile
+                    return
+                self.lease.progress()
+                # A server that refuses the connection fails the rest of the batch at
+                # once with the same reply: one failure of the server, not one per reader.
+                counted = not (outcome.stage == "connect" and connect_failure_counted)
+                connect_failure_counted |= outcome.stage == "connect"
+                self.untried = index + 1
                 self._settle()
+                if outcome.outcome is Outcome.SENT and self.sent_writer is not None:
+                    self._send_record(delivery, outcome, message_id, counted)
+                elif self._record(delivery, outcome, message_id, counted=counted):
+                    # Failures are written at once and in order: the count of
+                    # consecutive failures that pauses the issue sees each before the next.
+                    self.lease.halt(IssueStatus.PAUSED)
+                    return
+            self.untried = len(self.claimed)
+        finally:
+            self._settle()
 
     def _send_one(
         self,
@@ -1065,20 +1174,61 @@ class _BatchSender:
         self.untried = index + 1
         return conn.finish(), message_id
 
+    def _send_record(
+        self, delivery: ClaimedDelivery, outcome: SendResult, message_id: str, counted: bool
+    ) -> None:
+        """Hand message N's `sent` record to the database and return: it travels while
+        message N+1 does, and `_settle` reads it back before N+1's final ".". If it cannot
+        even be sent, it is written now, with the usual retries."""
+        assert self.sent_writer is not None
+        lease = self.lease
+        with lease.lock:
+            lease.changed.wait_for(lambda: not lease.renewing)
+            try:
+                self.sent_writer.send(delivery.id, lease.values, outcome, message_id, utcnow())
+            except TRANSIENT_DB_ERRORS:
+                sent = False
+            else:
+                sent = lease.writing = True
+        if sent:
+            self._pending = (delivery, outcome, message_id, counted)
+        else:
+            self._record(delivery, outcome, message_id, counted=counted)
+
     def _settle(self) -> None:
-        """Wait for the `sent` record in flight, if any (its errors are raised here)."""
+        """Read back the `sent` record in flight, if any. If the database went away
+        meanwhile, write it again (with retries; its errors are raised here)."""
         pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        if pending is None:
+            return
+        assert self.sent_writer is not None
+        delivery, outcome, message_id, counted = pending
+        fast: list[DeliveryStatus | None] | None = None
+        try:
+            written = self.sent_writer.collect()
+            fast = [DeliveryStatus.SENT if written else None]
+        except TRANSIENT_DB_ERRORS as exc:
+            log.warning("delivery %d: recording failed (%s); retrying", delivery.id, exc)
+        finally:
+            with self.lease.lock:
+                self.lease.writing = False
+                self.lease.changed.notify_all()
+        self._record(delivery, outcome, message_id, counted=counted, fast=fast)
 
     def _record(
-        self, delivery: ClaimedDelivery, outcome: SendResult, message_id: str, *, counted: bool
+        self,
+        delivery: ClaimedDelivery,
+        outcome: SendResult,
+        message_id: str,
+        *,
+        counted: bool,
+        fast: list[DeliveryStatus | None] | None = None,
     ) -> bool:
         """Record one outcome (retrying while the database is briefly away, as long as the
-        lease holds). Returns True when this failure made the issue pause itself."""
+        lease holds); `fast` is the `sent` write already done by `_send_record`. Returns True
+        when this failure made the issue pause itself."""
         session, report = self.session, self.report
         delay = 0.2
-        fast: list[DeliveryStatus | None] | None = None  # the `sent` write, once done
         while True:
             try:
                 with self.lease.lock:
