@@ -119,9 +119,8 @@ class Subscription(Base):
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    subscriber_id: Mapped[int] = mapped_column(
-        ForeignKey("subscribers.id", ondelete="CASCADE"), index=True
-    )
+    # Found by the unique (subscriber_id, list_id): no index of its own (migration 0005).
+    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
     list_id: Mapped[int] = mapped_column(ForeignKey("lists.id", ondelete="CASCADE"))
     status: Mapped[SubscriptionStatus] = mapped_column(
         _enum(SubscriptionStatus, "subscription_status")
@@ -152,7 +151,12 @@ class Suppression(Base):
 
 
 class Event(Base):
-    """Append-only log of subscription changes: what changed, when, and through what."""
+    """Append-only log of subscription changes: what changed, when, and through what.
+
+    No foreign keys: an import writes one row per reader, and PostgreSQL checks a key with
+    one query per inserted row. The rows are written beside the subscriber and list they
+    name, and what the keys' ON DELETE did is done by triggers (migration 0005): deleting a
+    subscriber (erasure) sets subscriber_id NULL, deleting a list deletes its events."""
 
     __tablename__ = "events"
 
@@ -160,10 +164,8 @@ class Event(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     kind: Mapped[str] = mapped_column(String(30))
     source: Mapped[str] = mapped_column(String(30))
-    subscriber_id: Mapped[int | None] = mapped_column(
-        ForeignKey("subscribers.id", ondelete="SET NULL"), index=True
-    )
-    list_id: Mapped[int | None] = mapped_column(ForeignKey("lists.id", ondelete="CASCADE"))
+    subscriber_id: Mapped[int | None] = mapped_column(BigId, index=True)
+    list_id: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(String(500))
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from newsletter import subscriptions
 from newsletter.errors import Conflict, InvalidInput, NotFound
-from newsletter.models import Event, Subscriber, Subscription, SubscriptionStatus
+from newsletter.models import Event, MailingList, Subscriber, Subscription, SubscriptionStatus
 from newsletter.runtime import Runtime
 
 KEY = "test-secret-key"
@@ -166,3 +166,28 @@ def test_erased_address_stays_out_of_later_imports(rt: Runtime) -> None:
     report = do_import(rt, "email\ngone@example.org\n", confirmed=True)
     assert report.imported == 0
     assert report.rejected == [(2, "address was erased or suppressed")]
+
+
+def test_the_event_log_forgets_erased_readers_and_deleted_lists(rt: Runtime) -> None:
+    """`events` has no foreign keys (an import writes one row per reader); triggers do what
+    their ON DELETE did: an erased reader's events stay, without the reader; a deleted
+    list's events go with it."""
+    do_import(rt, "email\ngone@example.org\nstays@example.org\n", confirmed=True)
+    with rt.sessions() as s, s.begin():
+        other_id = subscriptions.create_list(s, "local", "Local", "desk@example.org").id
+        subscriptions.add_subscriber(
+            s, "stays@example.org", "local", confirmed=True, source="api", suppression_key=KEY
+        )
+        gone_id = s.scalar(select(Subscriber.id).where(Subscriber.email == "gone@example.org"))
+        subscriptions.erase_subscriber(
+            s, "gone@example.org", suppression_key=KEY, source="operator"
+        )
+    assert count(rt, Event, Event.subscriber_id == gone_id) == 0
+    assert count(rt, Event, Event.kind == "imported", Event.subscriber_id.is_(None)) == 1
+    local_events = count(rt, Event, Event.list_id == other_id)
+    assert local_events >= 1
+    with rt.sessions() as s, s.begin():
+        s.delete(s.get(MailingList, other_id))
+    assert count(rt, Event, Event.list_id == other_id) == 0
+    assert count(rt, Subscription, Subscription.list_id == other_id) == 0
+    assert count(rt, Event, Event.kind == "imported") == 2  # the other list's log is intact
