@@ -28,6 +28,14 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 # BIGINT on PostgreSQL; SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
+
+def _bytewise(length: int) -> Any:
+    """An identifier's text: byte order on PostgreSQL (COLLATE "C"; migration 0005), whose
+    unique index then compares bytes rather than calling the locale's strcoll. SQLite
+    compares bytes already."""
+    return String(length).with_variant(String(length, collation="C"), "postgresql")
+
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -99,7 +107,7 @@ class Subscriber(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     # Normalised: domain lower-cased and IDNA-encoded, local part kept as given. Unique.
-    email: Mapped[str] = mapped_column(String(320), unique=True)
+    email: Mapped[str] = mapped_column(_bytewise(320), unique=True)
     name: Mapped[str | None] = mapped_column(String(200))
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -126,7 +134,7 @@ class Subscription(Base):
         _enum(SubscriptionStatus, "subscription_status")
     )
     # Opaque random value carried (signed) in every link; reveals neither address nor id.
-    token: Mapped[str] = mapped_column(String(64), unique=True)
+    token: Mapped[str] = mapped_column(_bytewise(64), unique=True)
     # The reader's section choice as a canonical key (see sections_key()); None: every
     # section. A key, not a JSON list, so that the composer can find the distinct choices
     # with a plain DISTINCT and the freeze can join readers to their variant.

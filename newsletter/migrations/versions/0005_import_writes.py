@@ -1,4 +1,5 @@
-"""import writes: no per-row foreign key checks on events, no redundant subscriptions index
+"""import writes: no per-row foreign key checks on events, no redundant subscriptions index,
+byte order for addresses and tokens
 
 Revision ID: 0005
 Revises: 0004
@@ -13,6 +14,12 @@ subscriber (erasure) sets subscriber_id NULL, deleting a list deletes its events
 
 The index on subscriptions.subscriber_id goes: the unique (subscriber_id, list_id) finds a
 reader's subscriptions as well, and each inserted subscription filled both.
+
+On PostgreSQL, subscribers.email and subscriptions.token compare in byte order (COLLATE "C")
+instead of the database's locale: they are identifiers (an address is normalised before it
+is stored, a token is random), nothing sorts them for people, and equality is the same in
+both. Their unique indexes, filled once per imported reader, then compare bytes instead of
+calling the C library's strcoll (40.9 s -> 32.1 s for a million readers in-process).
 """
 
 from collections.abc import Sequence
@@ -74,6 +81,10 @@ SQLITE_DROP_TRIGGERS = (
 )
 
 
+# (table, column, type): identifiers that compare in byte order on PostgreSQL.
+BYTE_ORDER = (("subscribers", "email", "VARCHAR(320)"), ("subscriptions", "token", "VARCHAR(64)"))
+
+
 def upgrade() -> None:
     op.drop_index("ix_subscriptions_subscriber_id", table_name="subscriptions")
     # Nothing refers to `events`: SQLite may rebuild it without losing anything.
@@ -83,10 +94,16 @@ def upgrade() -> None:
     sqlite = op.get_bind().dialect.name == "sqlite"
     for statement in SQLITE_TRIGGERS if sqlite else PG_TRIGGERS:
         op.execute(statement)
+    if not sqlite:
+        for table, column, type_ in BYTE_ORDER:
+            op.execute(f'ALTER TABLE {table} ALTER COLUMN {column} TYPE {type_} COLLATE "C"')
 
 
 def downgrade() -> None:
     sqlite = op.get_bind().dialect.name == "sqlite"
+    if not sqlite:
+        for table, column, type_ in BYTE_ORDER:
+            op.execute(f'ALTER TABLE {table} ALTER COLUMN {column} TYPE {type_} COLLATE "default"')
     for statement in SQLITE_DROP_TRIGGERS if sqlite else PG_DROP_TRIGGERS:
         op.execute(statement)
     # Events of subscribers or lists deleted meanwhile point nowhere: the keys would refuse them.
