@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/run_all.py [--subscribers 100000] [--workers 2x4]
         [--pool threads|prefork] [--repeat 1] [--only compose,message,e2e,...]
 
-By default it runs the figures of "Fast at a million subscribers", about 20 minutes here:
+By default it runs the figures of "Fast at a million subscribers", about 10 minutes here:
 compose and message (no services), e2e (bench_e2e.py: 100,000 subscribers, two worker
 processes of four sending threads, against smtplib over 4 connections; PostgreSQL, Redis,
 smtp-sink), freeze (bench_freeze.py: freezing 1,000,000 readers, and `issues status` / the
