@@ -1180,6 +1180,11 @@ class _BatchSender:
             log.warning("delivery %d: cannot build message: %s", delivery.id, exc)
             return SendResult(Outcome.PERMANENT, 0, f"cannot build message: {exc}", "build"), ""
         if throttle is not None:
+            # Connected before the token is taken: what follows the token is this message
+            # alone, so the spacing the limiter gives is the spacing the server sees.
+            refused = conn.ready()
+            if refused is not None:
+                return refused, message_id
             throttle(delivery.email)
             if not self.lease.may_send(delivery.id):
                 return None, ""

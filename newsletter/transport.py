@@ -87,6 +87,12 @@ class TransportSession(Protocol):
 
     def send(self, sender: str, recipient: str, data: bytes) -> SendResult: ...
 
+    def ready(self) -> SendResult | None:
+        """Connect now if not connected (a rate limit's token is then followed by the
+        message alone, not by a connection's setup). A SendResult: no connection can be
+        made, the result `begin` would give."""
+        ...
+
     def begin(self, sender: str, recipient: str, data: bytes) -> SendResult | None:
         """None: ready to `finish` or `abandon`. A SendResult: the message ended here."""
         ...
@@ -198,6 +204,11 @@ class SmtpSession:
 
     def send(self, sender: str, recipient: str, data: bytes) -> SendResult:
         return self.begin(sender, recipient, data) or self.finish()
+
+    def ready(self) -> SendResult | None:
+        if self._dead is not None:
+            return self._dead
+        return self._open() if self._smtp is None else None
 
     def begin(self, sender: str, recipient: str, data: bytes) -> SendResult | None:
         if self._dead is not None:
@@ -352,6 +363,9 @@ class OutboxSession:
         self.directory = directory
         self.host = socket.gethostname().replace("/", "_").replace(":", "_")
         self._held: tuple[str, str, bytes] | None = None
+
+    def ready(self) -> SendResult | None:
+        return None
 
     def begin(self, sender: str, recipient: str, data: bytes) -> SendResult | None:
         self._held = (sender, recipient, data)

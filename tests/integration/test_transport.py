@@ -6,7 +6,7 @@ import pytest
 
 from newsletter.config import SmtpConfig
 from newsletter.transport import Outcome, SmtpTransport, session_of
-from tests.conftest import SmtpServer
+from tests.conftest import SmtpServer, free_port
 
 PLAIN = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: x\r\n\r\nline one\r\nline two\r\n"
 DOTTED = PLAIN + b".a line that starts with a dot\r\n.\r\n..two dots\r\nend\r\n"
@@ -65,3 +65,20 @@ def test_an_abandoned_message_never_arrives(smtp_server: SmtpServer, pipelining:
         kept = conn.finish()
     assert kept.outcome is Outcome.SENT
     assert smtp_server.recorder.recipients() == ["kept@example.org"]
+
+
+def test_ready_connects_first_or_gives_the_connect_failure(smtp_server: SmtpServer) -> None:
+    """ready() opens the connection before a rate limit's token is taken; when nothing
+    answers it gives the very failure begin() then gives, without trying again per message."""
+    transport = SmtpTransport(SmtpConfig.parse(smtp_server.url))
+    with session_of(transport) as conn:
+        assert conn.ready() is None
+        assert conn.send("a@example.org", "b@example.org", PLAIN).outcome is Outcome.SENT
+    assert smtp_server.recorder.recipients() == ["b@example.org"]
+
+    nobody = SmtpTransport(SmtpConfig.parse(f"smtp://127.0.0.1:{free_port()}"))
+    with session_of(nobody) as conn:
+        refused = conn.ready()
+        assert refused is not None
+        assert (refused.outcome, refused.stage) == (Outcome.TEMPORARY, "connect")
+        assert conn.begin("a@example.org", "b@example.org", PLAIN) is refused
