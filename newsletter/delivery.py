@@ -491,13 +491,8 @@ def claim_batch(
     expired = sum(_expire_range(session, b, now) for b in locked)
     lease = now + timedelta(seconds=policy.lease_seconds)
     first_id, last_id = batch.first_id, batch.last_id
-    claimed = _rowcount(
-        session.execute(
-            _CLAIM,
-            {"b_issue": issue_id, "b_first": first_id, "b_last": last_id, "b_now": now,
-             "b_lease": lease},
-        )
-    )  # fmt: skip
+    where = {"b_issue": issue_id, "b_first": first_id, "b_last": last_id, "b_lease": lease}
+    claimed = _rowcount(session.execute(_CLAIM, {**where, "b_now": now}))
     if not claimed:
         if expired:
             _store_counts(session, locked)
@@ -505,10 +500,7 @@ def claim_batch(
         return batch, []
     # The rows just claimed are exactly the batch's rows carrying this lease (the batch row
     # is locked, so no other claim of this range can write the same instant).
-    rows = session.execute(
-        _CLAIMED_READERS,
-        {"b_issue": issue_id, "b_first": first_id, "b_last": last_id, "b_lease": lease},
-    ).all()
+    rows = session.execute(_CLAIMED_READERS, where).all()
     ready: list[ClaimedDelivery] = []
     skipped: list[dict[str, Any]] = []
     for delivery_id, attempts, email, name, token, status, variant_id in rows:
