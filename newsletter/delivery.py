@@ -300,8 +300,9 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
     # Each reader is frozen with the variant for their section choice (rendered before
     # this, in the same transaction, by issues.ensure_variants); NULL: the full digest. A
     # reader whose choice selects no article of this issue is frozen `skipped`, saying why,
-    # in the same statement. In reader order: the indexes on (issue, subscriber) and
-    # (subscriber) are then filled in order rather than at random.
+    # in the same statement. In subscription order, read from the index on (list, status,
+    # id): readers subscribe in about the order they are created, so the indexes on (issue,
+    # subscriber) and (subscriber) are filled nearly in order rather than at random.
     empty = IssueVariant.article_count == 0
     audience = (
         select(
@@ -329,7 +330,7 @@ def start_send(session: Session, issue_id: int, *, batch_size: int) -> list[int]
             Subscription.status == SubscriptionStatus.ACTIVE,
             Subscription.paused.is_(False),
         )
-        .order_by(Subscription.subscriber_id)
+        .order_by(Subscription.id)
     )
     freeze = insert(DELIVERIES).from_select(
         ["issue_id", "subscriber_id", "status", "attempts", "variant_id", "last_error"], audience

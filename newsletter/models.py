@@ -117,19 +117,22 @@ class Subscription(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
         UniqueConstraint("subscriber_id", "list_id"),
-        # The freeze reads a list's active readers in subscriber order.
-        Index("ix_subscriptions_list_status", "list_id", "status", "subscriber_id"),
         # A page of a list, and of a list's readers in one status, in id order (keyset
         # paging): without these a page of a small list after a big one, or of a rare
-        # status, reads up to the whole table (migration 0004).
+        # status, reads up to the whole table (migration 0004). The freeze reads a list's
+        # active readers from the second, in subscription order (migration 0006).
         Index("ix_subscriptions_list_id_page", "list_id", "id"),
         Index("ix_subscriptions_list_status_page", "list_id", "status", "id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     # Found by the unique (subscriber_id, list_id): no index of its own (migration 0005).
-    subscriber_id: Mapped[int] = mapped_column(ForeignKey("subscribers.id", ondelete="CASCADE"))
-    list_id: Mapped[int] = mapped_column(ForeignKey("lists.id", ondelete="CASCADE"))
+    # Both name a parent that must exist, without a foreign key: an import inserts a
+    # million rows at once, and PostgreSQL checks a key with one query per row. Triggers
+    # check and lock the parents once per statement, refuse moving a subscription, and
+    # delete it with its subscriber or list (migration 0006, docs/architecture.md).
+    subscriber_id: Mapped[int] = mapped_column(BigId)
+    list_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[SubscriptionStatus] = mapped_column(
         _enum(SubscriptionStatus, "subscription_status")
     )

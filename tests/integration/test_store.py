@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from newsletter import subscriptions
 from newsletter.errors import Conflict, InvalidInput, NotFound
@@ -191,3 +193,93 @@ def test_the_event_log_forgets_erased_readers_and_deleted_lists(rt: Runtime) -> 
     assert count(rt, Event, Event.list_id == other_id) == 0
     assert count(rt, Subscription, Subscription.list_id == other_id) == 0
     assert count(rt, Event, Event.kind == "imported") == 2  # the other list's log is intact
+
+
+def _subscribe_row(conn: Connection, subscriber_id: int, list_id: int, token: str) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO subscriptions (subscriber_id, list_id, status, token, paused, "
+            "soft_bounces, created_at, updated_at) "
+            "VALUES (:s, :l, 'active', :t, false, 0, :now, :now)"
+        ),
+        {"s": subscriber_id, "l": list_id, "t": token, "now": datetime.now(UTC)},
+    )
+
+
+def test_a_subscription_needs_its_reader_and_list_and_goes_with_them(rt: Runtime) -> None:
+    """No foreign keys on `subscriptions` (an import inserts a million at once); triggers
+    refuse what the keys refused and delete what their ON DELETE CASCADE deleted."""
+    do_import(rt, "email\nann@example.org\n", confirmed=True)
+    with rt.sessions() as s:
+        ann = s.scalars(select(Subscription)).one()
+    with rt.sessions() as s, s.begin():
+        local_id = subscriptions.create_list(s, "local", "Local", "desk@example.org").id
+    for subscriber_id, list_id in (
+        (ann.subscriber_id + 1000, ann.list_id),
+        (ann.subscriber_id, 999),
+    ):
+        with rt.engine.connect() as conn, pytest.raises(IntegrityError, match="does not exist"):
+            _subscribe_row(conn, subscriber_id, list_id, "orphan")
+    with rt.engine.connect() as conn, pytest.raises(IntegrityError, match="cannot be moved"):
+        conn.execute(
+            text("UPDATE subscriptions SET list_id = :l WHERE id = :id"),
+            {"l": local_id, "id": ann.id},
+        )
+    with rt.engine.connect() as conn:  # other columns change freely
+        conn.execute(
+            text("UPDATE subscriptions SET status = 'unsubscribed', list_id = list_id"), {}
+        )
+        conn.commit()
+    assert count(rt, Subscription) == 1
+    with rt.sessions() as s, s.begin():
+        subscriptions.add_subscriber(s, "ann@example.org", "local", suppression_key=KEY)
+    assert count(rt, Subscription, Subscription.subscriber_id == ann.subscriber_id) == 2
+    with rt.sessions() as s, s.begin():
+        s.delete(s.get(MailingList, local_id))
+    assert count(rt, Subscription) == 1
+    with rt.sessions() as s, s.begin():
+        subscriptions.erase_subscriber(s, "ann@example.org", suppression_key=KEY, source="t")
+    assert count(rt, Subscription) == 0
+
+
+def test_an_erasure_and_a_subscription_to_the_same_reader_do_not_cross(
+    pg_url: str, make_runtime: Callable[..., Runtime]
+) -> None:
+    """What a foreign key's check guaranteed under concurrency, kept by the trigger's lock:
+    a reader erased while a subscription to them is being added either waits for it and
+    then takes it along, or comes first and makes the insert fail. Never an orphan."""
+    rt = make_runtime(pg_url)  # SQLite has one writer at a time: nothing interleaves
+    with rt.sessions() as s, s.begin():
+        subscriptions.create_list(s, "world", "World Digest", "desk@example.org")
+    do_import(rt, "email\nann@example.org\nbob@example.org\n", confirmed=True)
+    with rt.sessions() as s, s.begin():
+        local_id = subscriptions.create_list(s, "local", "Local", "desk@example.org").id
+        ids = {email: id_ for email, id_ in s.execute(select(Subscriber.email, Subscriber.id))}
+    ann, bob = ids["ann@example.org"], ids["bob@example.org"]
+    timeout = text("SET LOCAL lock_timeout = '300ms'")
+
+    # The insert comes first: the erasure waits for it, then deletes the new subscription too.
+    with rt.engine.connect() as adding, rt.engine.connect() as erasing:
+        _subscribe_row(adding, ann, local_id, "ann-local")
+        erasing.execute(timeout)
+        with pytest.raises(OperationalError, match="lock timeout"):
+            erasing.execute(text("DELETE FROM subscribers WHERE id = :id"), {"id": ann})
+        erasing.rollback()
+        adding.commit()
+        erasing.execute(text("DELETE FROM subscribers WHERE id = :id"), {"id": ann})
+        erasing.commit()
+    assert count(rt, Subscription, Subscription.subscriber_id == ann) == 0
+
+    # The erasure comes first: the insert waits for it, then fails.
+    with rt.engine.connect() as adding, rt.engine.connect() as erasing:
+        erasing.execute(text("DELETE FROM subscribers WHERE id = :id"), {"id": bob})
+        adding.execute(timeout)
+        with pytest.raises(OperationalError, match="lock timeout"):
+            _subscribe_row(adding, bob, local_id, "bob-local")
+        adding.rollback()
+        erasing.commit()
+        with pytest.raises(IntegrityError, match="does not exist"):
+            _subscribe_row(adding, bob, local_id, "bob-local")
+    assert count(rt, Subscription) == 0
+    with rt.engine.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM subscribers")) == 0
