@@ -14,6 +14,7 @@ import hmac
 import io
 import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -436,11 +437,22 @@ def _refuse_strict(name: str, report: ImportReport) -> None:
     )
 
 
-def _new_tokens(n: int) -> list[str]:
-    """n subscription tokens (see new_token) from one call to the system's CSPRNG: 18 random
-    bytes each (144 bits), whose base64 is exactly 24 URL-safe characters, no padding."""
-    blob = base64.urlsafe_b64encode(secrets.token_bytes(18 * n)).decode("ascii")
-    return [blob[i : i + 24] for i in range(0, 24 * n, 24)]
+class _ImportTokens:
+    """The subscription tokens of one import (see new_token), in increasing byte order.
+
+    Each is 16 hex digits that count up from the import's start time (seconds << 32) and 16
+    base64url characters of 12 random bytes (96 bits) from the system's CSPRNG. Links carry
+    them signed, so the counting part gives nothing away that a forger could use. In order,
+    a million tokens go to the right-hand edge of the token's unique index instead of to a
+    random leaf each: 3.6 s less for a million subscriptions (docs/benchmarks.md)."""
+
+    def __init__(self, started: float | None = None) -> None:
+        self._next = int(time.time() if started is None else started) << 32
+
+    def take(self, n: int) -> list[str]:
+        blob = base64.urlsafe_b64encode(secrets.token_bytes(12 * n)).decode("ascii")
+        first, self._next = self._next, self._next + n
+        return [f"{first + i:016x}{blob[16 * i : 16 * i + 16]}" for i in range(n)]
 
 
 def _copy_text(chunk: list[_Row], tokens: list[str], email_hash: Callable[[str], str]) -> str:
@@ -521,8 +533,9 @@ def _bulk_import(
     the first write. On PostgreSQL the new subscribers' ids are drawn from their sequence
     while loading (tokens are made in Python), so that their subscribers, subscriptions
     and events rows are three plain INSERT ... SELECTs from the file's table, with no join
-    back from what was inserted. What remains is the database's own per-row work: index
-    entries, and one query per foreign key per inserted row (benchmarks/bench_import.py).
+    back from what was inserted. What remains is the database's own per-row work: heap rows
+    and index entries, and one set-based check of the subscriptions' parents (migration
+    0006; benchmarks/bench_import.py).
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
@@ -540,6 +553,11 @@ def _bulk_import(
 
     sql("DROP TABLE IF EXISTS nl_import")
     sql("DROP TABLE IF EXISTS nl_known")
+    if pg:
+        # Room for the statements' hashes of a million rows (the default 4 MB spills them
+        # to disk; 2.7 s less for a million rows); given back at the end.
+        work_mem = sql("SELECT current_setting('work_mem')").scalar_one()
+        sql("SELECT set_config('work_mem', '64MB', true)")
     email_hash = _suppression_hasher(suppression_key)
     if pg:
         sequence = sql("SELECT pg_get_serial_sequence('subscribers', 'id')").scalar_one()
@@ -549,6 +567,7 @@ def _bulk_import(
             "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL, "
             f"new_id BIGINT NOT NULL DEFAULT nextval({quoted}))"
         )
+        tokens = _ImportTokens()
         raw: Any = conn.connection.driver_connection
         with (
             raw.cursor() as cursor,
@@ -558,9 +577,10 @@ def _bulk_import(
             ) as copy,
         ):
             for chunk in rows.chunks():
-                copy.write(_copy_text(chunk, _new_tokens(len(chunk)), email_hash))
+                copy.write(_copy_text(chunk, tokens.take(len(chunk)), email_hash))
         sql("ANALYZE nl_import")
     else:
+        tokens = _ImportTokens()
         sql(
             "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
             "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL)"
@@ -570,7 +590,7 @@ def _bulk_import(
                 "INSERT INTO nl_import VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (*row, token, email_hash(row[1]))
-                    for row, token in zip(chunk, _new_tokens(len(chunk)), strict=True)
+                    for row, token in zip(chunk, tokens.take(len(chunk)), strict=True)
                 ],
             )
     rejected = report.rejected
@@ -694,6 +714,8 @@ def _bulk_import(
         )
     sql("DROP TABLE nl_known")
     sql("DROP TABLE nl_import")
+    if pg:
+        sql("SELECT set_config('work_mem', :value, true)", value=work_mem)
     if pg and imported >= ANALYZE_AFTER:
         # Fresh statistics for the freeze that usually follows a big import: without them
         # the planner guesses the list's size from before the import (~0.3 s at 1M).

@@ -112,9 +112,12 @@ def test_values_that_need_escaping_arrive_unchanged(rt: Runtime) -> None:
 def test_imported_tokens_are_random_and_distinct(rt: Runtime) -> None:
     do_import(rt, "email\n" + "".join(f"t{i}@example.org\n" for i in range(ROWS)))
     with rt.sessions() as s:
-        tokens = list(s.scalars(select(Subscription.token)))
+        tokens = list(s.scalars(select(Subscription.token).order_by(Subscription.id)))
     assert len(tokens) == len(set(tokens)) == ROWS
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", t) for t in tokens)  # 144 random bits
+    # A counting prefix (the index is filled at its end), then 96 random bits, URL-safe.
+    assert all(re.fullmatch(r"[0-9a-f]{16}[A-Za-z0-9_-]{16}", t) for t in tokens)
+    assert len({t[16:] for t in tokens}) == ROWS
+    assert tokens == sorted(tokens)
 
 
 def test_reimport_counts_each_row_once_and_leaves_who_left_alone(rt: Runtime) -> None:

@@ -123,7 +123,7 @@ def copy_fields(text: str) -> list[list[str | None]]:
 )
 def test_copy_text_escapes_what_needs_it(name: str | None, attributes: str | None) -> None:
     chunk = [(2, "a@example.org", name, attributes), (3, "b@example.org", None, None)]
-    tokens = subscriptions._new_tokens(2)
+    tokens = subscriptions._ImportTokens().take(2)
     text = subscriptions._copy_text(chunk, tokens, lambda e: "h-" + e)
     assert copy_fields(text) == [
         ["2", "a@example.org", name, attributes, tokens[0], "h-a@example.org"],
@@ -131,11 +131,18 @@ def test_copy_text_escapes_what_needs_it(name: str | None, attributes: str | Non
     ]
 
 
-def test_tokens_are_url_safe_unguessable_and_distinct() -> None:
-    tokens = subscriptions._new_tokens(10_000)
+def test_tokens_are_url_safe_unguessable_distinct_and_in_order() -> None:
+    source = subscriptions._ImportTokens(started=1_800_000_000)
+    tokens = source.take(5000) + source.take(5000)
     assert len(set(tokens)) == 10_000
-    # 24 base64 characters carry 144 random bits; the alphabet is the URL-safe one.
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", t) for t in tokens)
+    # 16 hex digits counting up, then 16 base64 characters: 96 random bits, URL-safe.
+    assert all(re.fullmatch(r"[0-9a-f]{16}[A-Za-z0-9_-]{16}", t) for t in tokens)
+    assert len({t[16:] for t in tokens}) == 10_000
+    # In byte order as they are made, across chunks: the unique index is filled at its end.
+    assert tokens == sorted(tokens)
+    assert tokens[0].startswith(f"{1_800_000_000 << 32:016x}")
+    # A later import starts after an earlier one.
+    assert subscriptions._ImportTokens(started=1_800_000_001).take(1)[0] > tokens[-1]
 
 
 @pytest.mark.parametrize("key", ["k", "test-secret-key", "x" * 64, "long-" * 40, "ключ"])
