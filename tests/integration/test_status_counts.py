@@ -388,19 +388,22 @@ def test_the_migration_counts_batches_frozen_before_it(rt: Runtime) -> None:
                     ),
                     {"i": nobody, "s": subscriber_id},
                 )
-            # A bounce about one of those deliveries keeps naming it after the upgrade.
+            # A bounce about one of those deliveries keeps naming it, and its subscription,
+            # after the upgrade (SQLite rebuilds both tables).
+            subscription = conn.scalar(text("SELECT MIN(id) FROM subscriptions"))
             conn.execute(
                 text(
                     "INSERT INTO bounce_events (key, kind, source, outcome, created_at, "
-                    "issue_id, delivery_id) VALUES ('k', 'hard_bounce', 'dsn', 'suppressed', "
-                    ":now, :i, :d)"
+                    "issue_id, delivery_id, subscription_id) VALUES ('k', 'hard_bounce', "
+                    "'dsn', 'suppressed', :now, :i, :d, :sub)"
                 ),
-                {"now": datetime.now(UTC), "i": sent_issue, "d": ids[3]},
+                {"now": datetime.now(UTC), "i": sent_issue, "d": ids[3], "sub": subscription},
             )
     finally:
         upgrade(rt.engine)
     with rt.engine.connect() as conn:
-        assert conn.scalar(text("SELECT delivery_id FROM bounce_events")) == ids[3]
+        kept = conn.execute(text("SELECT delivery_id, subscription_id FROM bounce_events")).one()
+        assert tuple(kept) == (ids[3], subscription)
     assert status(rt, sent_issue) == {
         "skipped": 4,
         "sent": 2,
