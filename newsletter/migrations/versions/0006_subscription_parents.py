@@ -6,8 +6,8 @@ Create Date: 2026-11-29 03:40:00
 
 An import of a million readers inserts a million subscriptions in one statement, and
 PostgreSQL checked both of their foreign keys with one query per inserted row: 12.4 s for
-the key to `subscribers` alone, of a 40 s INSERT (benchmarks/bench_import.py, the machine of
-2026-11-29). The keys go, and on PostgreSQL a statement-level trigger does what they did,
+the key to `subscribers` alone, of a 40 s INSERT (a scratch table of the same rows on
+2026-11-29: docs/benchmarks.md, third pass). The keys go, and on PostgreSQL a statement-level trigger does what they did,
 once per statement, over the statement's new rows (a transition table):
 
 - it locks every parent row FOR KEY SHARE, the lock a key's check takes, so that an erasure
