@@ -559,6 +559,7 @@ def _bulk_import(
         work_mem = sql("SELECT current_setting('work_mem')").scalar_one()
         sql("SELECT set_config('work_mem', '64MB', true)")
     email_hash = _suppression_hasher(suppression_key)
+    tokens = _ImportTokens()
     if pg:
         sequence = sql("SELECT pg_get_serial_sequence('subscribers', 'id')").scalar_one()
         quoted = "'" + sequence.replace("'", "''") + "'"
@@ -567,7 +568,6 @@ def _bulk_import(
             "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL, "
             f"new_id BIGINT NOT NULL DEFAULT nextval({quoted}))"
         )
-        tokens = _ImportTokens()
         raw: Any = conn.connection.driver_connection
         with (
             raw.cursor() as cursor,
@@ -580,7 +580,6 @@ def _bulk_import(
                 copy.write(_copy_text(chunk, tokens.take(len(chunk)), email_hash))
         sql("ANALYZE nl_import")
     else:
-        tokens = _ImportTokens()
         sql(
             "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
             "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL)"
