@@ -283,3 +283,61 @@ def test_an_erasure_and_a_subscription_to_the_same_reader_do_not_cross(
     assert count(rt, Subscription) == 0
     with rt.engine.connect() as conn:
         assert conn.scalar(text("SELECT count(*) FROM subscribers")) == 0
+
+
+def test_an_import_holds_its_list_and_the_readers_it_did_not_create(
+    pg_url: str, make_runtime: Callable[..., Runtime]
+) -> None:
+    """The import's new readers skip the parents trigger (migration 0007): it created them,
+    and it locked its list itself. What that trigger guarded still holds: while the import's
+    transaction is open, deleting the list or erasing a reader who was there before waits
+    for it; the setting is off again for whatever the transaction does next; afterwards,
+    deleting the list takes everything the import added along."""
+    rt = make_runtime(pg_url)
+    with rt.sessions() as s, s.begin():
+        subscriptions.create_list(s, "world", "World Digest", "desk@example.org")
+        local_id = subscriptions.create_list(s, "local", "Local", "desk@example.org").id
+    with rt.sessions() as s, s.begin():
+        subscriptions.add_subscriber(s, "bob@example.org", "local", suppression_key=KEY)
+    with rt.sessions() as s:
+        bob = s.scalar(select(Subscriber.id).where(Subscriber.email == "bob@example.org"))
+    timeout = text("SET LOCAL lock_timeout = '300ms'")
+
+    # Only new readers (the list's lock is the import's own), then a reader who was there.
+    for data, waits in (
+        (b"email\nann@example.org\n", text("DELETE FROM lists WHERE slug = 'world'")),
+        (b"email\nbob@example.org\n", text(f"DELETE FROM subscribers WHERE id = {bob}")),
+    ):
+        with rt.sessions() as importing, rt.engine.connect() as other:
+            importing.begin()
+            report = subscriptions.import_csv(
+                importing,
+                subscriptions.read_text_stream(data, "f"),
+                "world",
+                confirmed=True,
+                suppression_key=KEY,
+            )
+            assert report.imported == 1
+            with pytest.raises(IntegrityError, match="does not exist"), importing.begin_nested():
+                _subscribe_row(importing.connection(), bob + 1000, local_id, "orphan")
+            other.execute(timeout)
+            with pytest.raises(OperationalError, match="lock timeout"):
+                other.execute(waits)
+            other.rollback()
+            importing.commit()
+    assert count(rt, Subscription) == 3
+    with rt.sessions() as s, s.begin():
+        s.delete(s.scalars(select(MailingList).where(MailingList.slug == "world")).one())
+    assert count(rt, Subscription) == 1  # bob's on the local list
+
+
+def test_a_reader_or_list_keeps_its_id(rt: Runtime) -> None:
+    """Subscriptions name their reader and list by id, without foreign keys: changing a
+    parent's id, which a key refused, is refused by a trigger."""
+    do_import(rt, "email\nann@example.org\n", confirmed=True)
+    for table in ("subscribers", "lists"):
+        with rt.engine.connect() as conn, pytest.raises(IntegrityError, match="never changes"):
+            conn.execute(text(f"UPDATE {table} SET id = id + 1000"))
+    with rt.engine.begin() as conn:  # other columns change freely
+        conn.execute(text("UPDATE subscribers SET name = 'Ann', id = id"))
+    assert count(rt, Subscription, Subscription.subscriber_id.in_(select(Subscriber.id))) == 1
