@@ -178,6 +178,7 @@ def subs_import(
             strict=strict,
             suppression_key=rt().suppression_key,
             name=str(file),
+            helpers=subscriptions.import_helpers(file.stat().st_size),
         )
     if as_json:
         out(report.as_dict())

@@ -12,9 +12,12 @@ import csv
 import hashlib
 import hmac
 import io
+import multiprocessing
+import os
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
@@ -300,11 +303,59 @@ class ImportReport:
 # A row that passed validation, as it goes to the database:
 # (line, email, name or None, the other columns as a JSON object or None).
 _Row = tuple[int, str, str | None, str | None]
+_Rejected = tuple[int, str]  # (line, reason)
 
 _BAD_CELL = re.compile(r"[\r\n\x00]")
 _CHUNK_ROWS = 5000  # rows per COPY write: memory stays flat, round trips stay few
 # Readers who left a list: an import does not put them back (only they can).
 _LEFT = "('unsubscribed', 'bounced', 'complained')"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """What a row's cells mean (from the header): enough to check a row anywhere, in this
+    process or in a helper process of a parallel import."""
+
+    width: int
+    email_at: int
+    name_at: int | None
+    extra: tuple[tuple[int, str], ...]  # (cell, '"key": ') of the attributes' columns
+
+    def check(self, batch: list[tuple[int, list[str]]]) -> tuple[list[_Row], list[_Rejected]]:
+        """The good rows of a batch of (line, cells), and (line, reason) for the bad ones."""
+        width, email_at, name_at, extra = self.width, self.email_at, self.name_at, self.extra
+        bad_cell = _BAD_CELL.search
+        good: list[_Row] = []
+        rejected: list[_Rejected] = []
+        for line, cells in batch:
+            if len(cells) != width or not cells[email_at].strip():
+                if not cells or all(not c.strip() for c in cells):
+                    continue  # blank lines are not rows
+                if len(cells) > width:
+                    rejected.append((line, f"{len(cells)} fields where the header has {width}"))
+                    continue
+                cells += [""] * (width - len(cells))
+            if bad_cell("".join(cells)) is not None:
+                rejected.append((line, "a field contains a line break or NUL"))
+                continue
+            if not cells[email_at].strip():
+                rejected.append((line, "missing email"))
+                continue
+            try:
+                email = normalize_email(cells[email_at])
+                name = cells[name_at].strip() if name_at is not None else ""
+                if "=?" in name or len(name) > 200:  # CR, LF and NUL are refused above
+                    check_text(name, "name")
+            except InvalidAddress as exc:
+                rejected.append((line, str(exc)))
+                continue
+            attributes = None
+            if extra:
+                pairs = [key + encode_basestring(cells[i]) for i, key in extra if cells[i] != ""]
+                if pairs:
+                    attributes = "{" + ", ".join(pairs) + "}"
+            good.append((line, email, name or None, attributes))
+        return good, rejected
 
 
 class ImportRows:
@@ -319,8 +370,9 @@ class ImportRows:
 
     def __init__(self, stream: IO[str], source: str) -> None:
         self.source = source
-        self.rejected: list[tuple[int, str]] = []
+        self.rejected: list[_Rejected] = []
         self.good = 0  # rows yielded so far
+        self.stream = stream
         self._reader = csv.reader(stream, strict=True)
         try:
             header = next(self._reader)
@@ -335,66 +387,49 @@ class ImportRows:
             raise InvalidInput(f"{source}: the header row has no 'email' column")
         if len(set(columns)) != len(columns):
             raise InvalidInput(f"{source}: the header row repeats a column name")
-        self._width = len(columns)
-        self._email_at = columns.index("email")
-        self._name_at = columns.index("name") if "name" in columns else None
         # The other columns become the subscriber's attributes, a JSON object written here
         # as json.dumps(..., ensure_ascii=False) would, without building a dict per row.
-        self._extra = [
-            (i, encode_basestring(c) + ": ")
-            for i, c in enumerate(columns)
-            if c not in ("email", "name") and c
-        ]
+        self.columns = _Columns(
+            width=len(columns),
+            email_at=columns.index("email"),
+            name_at=columns.index("name") if "name" in columns else None,
+            extra=tuple(
+                (i, encode_basestring(c) + ": ")
+                for i, c in enumerate(columns)
+                if c not in ("email", "name") and c
+            ),
+        )
 
-    def chunks(self, size: int = _CHUNK_ROWS) -> Iterator[list[_Row]]:
-        """The good rows, `size` at a time; bad ones are appended to `rejected` meanwhile."""
-        reader, width, email_at = self._reader, self._width, self._email_at
-        name_at, extra, rejected = self._name_at, self._extra, self.rejected
-        bad_cell = _BAD_CELL.search
-        chunk: list[_Row] = []
+    @property
+    def lines_read(self) -> int:
+        """Lines of the file read so far (the header's, until rows are read)."""
+        return self._reader.line_num
+
+    def batches(self, size: int = _CHUNK_ROWS) -> Iterator[list[tuple[int, list[str]]]]:
+        """The file's rows unchecked, as (line, cells), `size` at a time."""
+        reader = self._reader
+        batch: list[tuple[int, list[str]]] = []
         try:
             for cells in reader:
-                line = reader.line_num
-                if len(cells) != width or not cells[email_at].strip():
-                    if not cells or all(not c.strip() for c in cells):
-                        continue  # blank lines are not rows
-                    if len(cells) > width:
-                        rejected.append((line, f"{len(cells)} fields where the header has {width}"))
-                        continue
-                    cells += [""] * (width - len(cells))
-                if bad_cell("".join(cells)) is not None:
-                    rejected.append((line, "a field contains a line break or NUL"))
-                    continue
-                if not cells[email_at].strip():
-                    rejected.append((line, "missing email"))
-                    continue
-                try:
-                    email = normalize_email(cells[email_at])
-                    name = cells[name_at].strip() if name_at is not None else ""
-                    if "=?" in name or len(name) > 200:  # CR, LF and NUL are refused above
-                        check_text(name, "name")
-                except InvalidAddress as exc:
-                    rejected.append((line, str(exc)))
-                    continue
-                attributes = None
-                if extra:
-                    pairs = [
-                        key + encode_basestring(cells[i]) for i, key in extra if cells[i] != ""
-                    ]
-                    if pairs:
-                        attributes = "{" + ", ".join(pairs) + "}"
-                chunk.append((line, email, name or None, attributes))
-                if len(chunk) >= size:
-                    self.good += len(chunk)
-                    yield chunk
-                    chunk = []
+                batch.append((reader.line_num, cells))
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
         except csv.Error as exc:
             raise InvalidInput(f"{self.source}: line {reader.line_num}: {exc}") from None
         except UnicodeDecodeError:  # a file that changed after open_text_file checked it
             raise InvalidInput(f"{self.source}: not UTF-8 (after line {reader.line_num})") from None
-        if chunk:
-            self.good += len(chunk)
-            yield chunk
+        if batch:
+            yield batch
+
+    def chunks(self, size: int = _CHUNK_ROWS) -> Iterator[list[_Row]]:
+        """The good rows, `size` lines at a time; bad ones are appended to `rejected`."""
+        for batch in self.batches(size):
+            good, rejected = self.columns.check(batch)
+            self.rejected += rejected
+            if good:
+                self.good += len(good)
+                yield good
 
 
 def parse_csv(stream: IO[str], source: str) -> ImportRows:
@@ -412,18 +447,23 @@ def import_csv(
     suppression_key: str,
     source: str = "import",
     name: str = "import.csv",
+    helpers: int = 0,
 ) -> ImportReport:
     """Validate every row, then import the good ones set-based, in the caller's transaction.
 
     Every check (the row itself, duplicates in the file, erased or suppressed addresses,
     readers who left the list) is made before anything is written, so with strict=True any
-    bad row raises InvalidInput and nothing is written at all.
+    bad row raises InvalidInput and nothing is written at all. On PostgreSQL, `helpers`
+    forked processes read and check the rows (see import_helpers and _copy_texts); the
+    result is the same as without them.
     """
     mlist = get_list(session, list_slug)
     rows = parse_csv(stream, name)
     status = SubscriptionStatus.ACTIVE if confirmed else SubscriptionStatus.PENDING
     report = ImportReport()
-    _bulk_import(session, mlist.id, rows, status, report, source, suppression_key, strict, name)
+    _bulk_import(
+        session, mlist.id, rows, status, report, source, suppression_key, strict, name, helpers
+    )
     report.rejected.sort()
     return report
 
@@ -450,8 +490,17 @@ class _ImportTokens:
         self._next = int(time.time() if started is None else started) << 32
 
     def take(self, n: int) -> list[str]:
-        blob = base64.urlsafe_b64encode(secrets.token_bytes(12 * n)).decode("ascii")
         first, self._next = self._next, self._next + n
+        return self.counting_from(first, n)
+
+    def reserve(self, n: int) -> int:
+        """Set aside n counts for tokens made elsewhere (counting_from), in this order."""
+        first, self._next = self._next, self._next + n
+        return first
+
+    @staticmethod
+    def counting_from(first: int, n: int) -> list[str]:
+        blob = base64.urlsafe_b64encode(secrets.token_bytes(12 * n)).decode("ascii")
         return [f"{first + i:016x}{blob[16 * i : 16 * i + 16]}" for i in range(n)]
 
 
@@ -504,6 +553,137 @@ def _suppression_hasher(key: str) -> Callable[[str], str]:
     return email_hash
 
 
+_BLOCK_CHARS = 1 << 18  # of the file's text per helper task (~5,000 rows of a usual file)
+# A block's COPY text, its rejected rows, its good rows' count, and, if its CSV is broken,
+# (line, message, whether the break is at the block's very end).
+_CheckedBlock = tuple[str, list[_Rejected], int, tuple[int, str, bool] | None]
+
+
+def _blocks(stream: IO[str], size: int) -> Iterator[str]:
+    """The rest of the stream in pieces of about `size` characters, each cut after a '\n'
+    (the last one ends where the file does)."""
+    rest = ""
+    while piece := stream.read(size):
+        piece = rest + piece
+        cut = piece.rfind("\n") + 1
+        rest, piece = piece[cut:], piece[:cut]
+        if piece:
+            yield piece
+    if rest:
+        yield rest
+
+
+def _lines_in(text: str) -> int:
+    """How many lines a reader (newline='') makes of text: '\r\n', '\r' and '\n' each end one."""
+    ends = text.count("\n") + text.count("\r") - text.count("\r\n")
+    return ends + (not text.endswith(("\n", "\r")))
+
+
+def _check_block(
+    columns: _Columns, email_hash: Callable[[str], str], block: tuple[str, int, int]
+) -> _CheckedBlock:
+    """Read, check and write as COPY text one block of (text, its first line's number, its
+    first token's count), assuming the block starts a row."""
+    text, first_line, first_token = block
+    buffer = io.StringIO(text, newline="")
+    reader = csv.reader(buffer, strict=True)
+    batch: list[tuple[int, list[str]]] = []
+    try:
+        for cells in reader:
+            batch.append((first_line - 1 + reader.line_num, cells))
+    except csv.Error as exc:
+        return "", [], 0, (first_line - 1 + reader.line_num, str(exc), buffer.read(1) == "")
+    good, rejected = columns.check(batch)
+    tokens = _ImportTokens.counting_from(first_token, len(good))
+    return _copy_text(good, tokens, email_hash), rejected, len(good), None
+
+
+_HELPED_FROM = 8 << 20  # bytes: below, forking costs more than the helpers save
+
+
+def import_helpers(file_bytes: int) -> int:
+    """How many helper processes import_csv should read a file of this size with: one per
+    core this process may use, none for a small file or a single core. For a caller that
+    runs no threads of its own (the CLI): helpers are forked."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores if cores and cores > 1 and file_bytes >= _HELPED_FROM else 0
+
+
+# A helper process of a parallel import: the file's columns and the keyed hash.
+_helper: tuple[_Columns, Callable[[str], str]] | None = None
+
+
+def _start_helper(columns: _Columns, key: str) -> None:
+    global _helper
+    _helper = (columns, _suppression_hasher(key))
+
+
+def _helper_check_block(block: tuple[str, int, int]) -> _CheckedBlock:
+    assert _helper is not None, "not started by _start_helper"
+    return _check_block(*_helper, block)
+
+
+def _copy_texts(
+    rows: ImportRows,
+    tokens: _ImportTokens,
+    suppression_key: str,
+    helpers: int,
+    block_chars: int | None = None,
+) -> Iterator[str]:
+    """The good rows of the file as COPY text, in file order, a piece at a time.
+
+    Without helpers, this process does it all. With them, it only cuts the file's text
+    into blocks at line ends and the helper processes read and check the rows, normalise
+    the addresses, hash them and make the tokens: most of an import's Python time, then
+    spread over the cores while PostgreSQL takes the COPY. A block is read as if it began
+    a row, which it does unless a quoted field (with a line break in it: such rows are
+    refused, but must be read right) runs over its first line end. Then the block before
+    it ends inside quotes, its reader fails at its very end, and that block is read again
+    joined with the next: every block is thus read from a row's start, as one reader
+    reading the whole file would. Results come back in file order (Pool.imap), and each
+    block's tokens count through a range set aside for it, so they increase through the
+    file as without helpers.
+    """
+    if helpers < 1:
+        email_hash = _suppression_hasher(suppression_key)
+        for chunk in rows.chunks():
+            yield _copy_text(chunk, tokens.take(len(chunk)), email_hash)
+        return
+    source, columns = rows.source, rows.columns
+    sent: deque[tuple[str, int, int]] = deque()  # blocks handed out, not yet written
+
+    def blocks() -> Iterator[tuple[str, int, int]]:
+        line = rows.lines_read + 1
+        try:
+            for text in _blocks(rows.stream, block_chars or _BLOCK_CHARS):
+                count = _lines_in(text)
+                sent.append((text, line, tokens.reserve(count)))
+                yield sent[-1]
+                line += count
+        except UnicodeDecodeError:  # a file that changed after open_text_file checked it
+            raise InvalidInput(f"{source}: not UTF-8 (after line {line - 1})") from None
+
+    # fork: the helpers need this module only, which is loaded; they use neither the
+    # parent's database connection nor its files, only the pool's pipes.
+    context = multiprocessing.get_context("fork")
+    with context.Pool(helpers, _start_helper, (columns, suppression_key)) as pool:
+        results = pool.imap(_helper_check_block, blocks())
+        for result in results:
+            block = sent.popleft()
+            while result[3] is not None and result[3][2]:  # broken at its end: join the next
+                if next(results, None) is None:
+                    break  # the file's end: the break is real
+                following = sent.popleft()
+                block = (block[0] + following[0], block[1], block[2])
+                result = _check_block(columns, _suppression_hasher(suppression_key), block)
+            text, rejected, good, broken = result
+            if broken is not None:
+                raise InvalidInput(f"{source}: line {broken[0]}: {broken[1]}")
+            rows.rejected += rejected
+            rows.good += good
+            yield text
+
+
 # The addresses that occur more than once in the file, with the line of their first row.
 _REPEATED = (
     "SELECT email, MIN(line) AS first_line FROM nl_import GROUP BY email HAVING COUNT(*) > 1"
@@ -523,6 +703,7 @@ def _bulk_import(
     suppression_key: str,
     strict: bool,
     name: str,
+    helpers: int,
 ) -> None:
     """Stream the rows into a temporary table (COPY on PostgreSQL) and let the database do
     the rest in a handful of set-based statements: per-row round trips and per-row ORM
@@ -563,7 +744,6 @@ def _bulk_import(
         # to disk; 2.7 s less for a million rows); given back at the end.
         work_mem = sql("SELECT current_setting('work_mem')").scalar_one()
         sql("SELECT set_config('work_mem', '64MB', true)")
-    email_hash = _suppression_hasher(suppression_key)
     tokens = _ImportTokens()
     if pg:
         sequence = sql("SELECT pg_get_serial_sequence('subscribers', 'id')").scalar_one()
@@ -581,14 +761,15 @@ def _bulk_import(
                 "FROM STDIN (NULL '')"
             ) as copy,
         ):
-            for chunk in rows.chunks():
-                copy.write(_copy_text(chunk, tokens.take(len(chunk)), email_hash))
+            for data in _copy_texts(rows, tokens, suppression_key, helpers):
+                copy.write(data)
         sql("ANALYZE nl_import")
     else:
         sql(
             "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
             "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL)"
         )
+        email_hash = _suppression_hasher(suppression_key)
         for chunk in rows.chunks():
             conn.exec_driver_sql(
                 "INSERT INTO nl_import VALUES (?, ?, ?, ?, ?, ?)",

@@ -17,6 +17,14 @@ from newsletter.runtime import Runtime
 
 KEY = "test-secret-key"
 ROWS = subscriptions._CHUNK_ROWS * 2 + 17  # three chunks
+# Read by this process alone, and by two helper processes in blocks of 4 KB (PostgreSQL; on
+# SQLite the rows are read here either way).
+HELPED = pytest.mark.parametrize("helpers", [0, 2], ids=["alone", "helpers"])
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(subscriptions, "_BLOCK_CHARS", 4096)
 
 
 @pytest.fixture
@@ -50,26 +58,31 @@ def many(n: int = ROWS, start: int = 0) -> str:
     return "".join(f"reader{i}@example.org,Reader {i}\n" for i in range(start, start + n))
 
 
-def test_strict_import_of_several_chunks_with_a_bad_last_row_writes_nothing(rt: Runtime) -> None:
+@HELPED
+def test_strict_import_of_several_chunks_with_a_bad_last_row_writes_nothing(
+    rt: Runtime, helpers: int
+) -> None:
     data = "email,name\n" + many() + "not-an-address,Last\n"
     with pytest.raises(InvalidInput, match=rf"1 bad row\(s\), nothing imported .*line {ROWS + 2}"):
-        do_import(rt, data, strict=True, confirmed=True)
+        do_import(rt, data, strict=True, confirmed=True, helpers=helpers)
     assert count(rt, Subscriber) == count(rt, Subscription) == count(rt, Event) == 0
     # Without --strict the same file imports every good row.
-    report = do_import(rt, data, confirmed=True)
+    report = do_import(rt, data, confirmed=True, helpers=helpers)
     assert (report.imported, report.rejected) == (ROWS, [(ROWS + 2, report.rejected[0][1])])
     assert count(rt, Subscription, Subscription.status == SubscriptionStatus.ACTIVE) == ROWS
     assert count(rt, Event, Event.kind == "imported") == ROWS
 
 
-def test_strict_refuses_a_repeated_address_even_chunks_apart(rt: Runtime) -> None:
+@HELPED
+def test_strict_refuses_a_repeated_address_even_chunks_apart(rt: Runtime, helpers: int) -> None:
     data = "email,name\n" + many() + "reader3@EXAMPLE.org,Again\n"
     with pytest.raises(InvalidInput, match=r"nothing imported \(first: line .*duplicate of line 5"):
-        do_import(rt, data, strict=True)
+        do_import(rt, data, strict=True, helpers=helpers)
     assert count(rt, Subscriber) == count(rt, Event) == 0
 
 
-def test_repeats_in_the_file_keep_the_first_row(rt: Runtime) -> None:
+@HELPED
+def test_repeats_in_the_file_keep_the_first_row(rt: Runtime, helpers: int) -> None:
     data = (
         "email,name\n"
         "Ann@example.org,Ann Upper\n"  # line 2: the local part's case is the person's own
@@ -78,7 +91,7 @@ def test_repeats_in_the_file_keep_the_first_row(rt: Runtime) -> None:
         + "ann@EXAMPLE.ORG,Ann Again\n"  # repeat of line 3: domains are case-blind
         "Ann@Example.Org,Ann Twice\n"  # repeat of line 2
     )
-    report = do_import(rt, data)
+    report = do_import(rt, data, helpers=helpers)
     last = ROWS + 4
     assert report.rejected == [
         (last, "duplicate of line 3 (ann@example.org)"),
@@ -91,14 +104,15 @@ def test_repeats_in_the_file_keep_the_first_row(rt: Runtime) -> None:
     assert names == {"Ann@example.org": "Ann Upper", "ann@example.org": "Ann Lower"}
 
 
-def test_values_that_need_escaping_arrive_unchanged(rt: Runtime) -> None:
+@HELPED
+def test_values_that_need_escaping_arrive_unchanged(rt: Runtime, helpers: int) -> None:
     data = (
         "email,name,note\n"
         'tab@example.org,Tab\there,"quote "" and \\ backslash"\n'
         "plain@example.org,Zoë Ünïcode,東京\n"
         "o'neil+news@example.org,,\n"
     )
-    assert do_import(rt, data).imported == 3
+    assert do_import(rt, data, helpers=helpers).imported == 3
     with rt.sessions() as s:
         people = {p.email: p for p in s.scalars(select(Subscriber))}
     assert people["tab@example.org"].name == "Tab\there"
@@ -109,8 +123,9 @@ def test_values_that_need_escaping_arrive_unchanged(rt: Runtime) -> None:
     assert people["o'neil+news@example.org"].attributes is None
 
 
-def test_imported_tokens_are_random_and_distinct(rt: Runtime) -> None:
-    do_import(rt, "email\n" + "".join(f"t{i}@example.org\n" for i in range(ROWS)))
+@HELPED
+def test_imported_tokens_are_random_and_distinct(rt: Runtime, helpers: int) -> None:
+    do_import(rt, "email\n" + "".join(f"t{i}@example.org\n" for i in range(ROWS)), helpers=helpers)
     with rt.sessions() as s:
         tokens = list(s.scalars(select(Subscription.token).order_by(Subscription.id)))
     assert len(tokens) == len(set(tokens)) == ROWS

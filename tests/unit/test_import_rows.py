@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import random
 import re
 from pathlib import Path
 
@@ -192,3 +194,72 @@ def test_the_text_stream_drops_the_bom_and_keeps_line_breaks_in_quotes() -> None
         '\ufeffemail,name\r\na@example.org,"x\r\ny"\r\n'.encode(), "in.csv"
     )
     assert stream.read() == 'email,name\r\na@example.org,"x\r\ny"\r\n'
+
+
+def read_copy(data: str, helpers: int, block_chars: int = 64) -> tuple[list, list, int]:
+    """What an import hands to COPY: the rows without their tokens, which must increase
+    through the file; the rejected rows, in file order; the number of good rows."""
+    rows = subscriptions.parse_csv(io.StringIO(data, newline=""), "in.csv")
+    texts = subscriptions._copy_texts(
+        rows, subscriptions._ImportTokens(), "key", helpers, block_chars=block_chars
+    )
+    fields = [row for text in texts for row in copy_fields(text)]
+    tokens = [row.pop(4) for row in fields]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    return fields, sorted(rows.rejected), rows.good
+
+
+CITIES = ["", "Paris", "Tab\there", "Back\\slash"]
+
+
+def messy_file(rows: int, seed: int) -> str:
+    """A file whose rows run over block edges every which way: quoted line breaks (refused
+    rows that must still be read right), CRLF and CR endings, blank lines, bad rows."""
+    rnd = random.Random(seed)
+    out = ["email,name,city\r\n"]
+    for i in range(rows):
+        end = rnd.choice(["\n", "\r\n", "\r", "\n"])
+        kind = rnd.randrange(12)
+        if kind == 0:
+            out.append(f'q{i}@example.org,"{"long line " * rnd.randrange(1, 30)}\n\nmore",x{end}')
+        elif kind == 1:
+            out.append(end)  # blank
+        elif kind == 2:
+            out.append(f"not-an-address-{i},N,{end}")
+        elif kind == 3:
+            out.append(f'c{i}@example.org,"Doe, ""J""",Köln{end}')
+        elif kind == 4:
+            out.append(f"e{i}@example.org,too,many,fields{end}")
+        else:
+            city = rnd.choice(CITIES)
+            out.append(f"u{i}@Example.ORG,Name {i},{city}{end}")
+    return "".join(out)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_helpers_read_the_file_exactly_as_one_reader_does(seed: int) -> None:
+    data = messy_file(400, seed)
+    alone = read_copy(data, helpers=0)
+    assert alone[2] > 200 and len(alone[1]) > 50
+    for block_chars in (7, 64, 300, 1 << 18):
+        assert read_copy(data, helpers=2, block_chars=block_chars) == alone
+
+
+@pytest.mark.parametrize(
+    ("data", "error"),
+    [
+        ('email,name\na@example.org,A\nb@example.org,"B\n', r"line 3: unexpected end of data"),
+        ('email,name\na@example.org,"A"x\nb@example.org,B\n', r"line 2: ',' expected after"),
+        ('email,name\na@example.org,A\n"b@example.org" ,B\nc@example.org,C\n', r"line 3: "),
+    ],
+)
+def test_helpers_report_a_broken_file_as_one_reader_does(data: str, error: str) -> None:
+    for helpers, block_chars in ((0, 64), (2, 5), (2, 20), (2, 1 << 18)):
+        with pytest.raises(InvalidInput, match=rf"^in\.csv: {error}"):
+            read_copy(data, helpers, block_chars)
+
+
+def test_only_a_big_file_is_read_with_helpers() -> None:
+    assert subscriptions.import_helpers(100_000) == 0
+    cores = len(os.sched_getaffinity(0))
+    assert subscriptions.import_helpers(64 << 20) == (cores if cores > 1 else 0)
