@@ -23,7 +23,8 @@ Prints `name: value` lines:
     import_csv_mb                file size
     import_seconds               wall time of the CLI process, start to exit
     import_rows_per_s            import_rows / import_seconds
-    import_peak_rss_mb           peak RSS of the CLI process (MiB)
+    import_peak_rss_mb           peak RSS of the CLI process, or of a helper if larger (MiB)
+    import_helpers               helper processes the CLI reads a file this size with
     import_empty_file_seconds    the same command on a header-only file: start-up and teardown
     import_empty_file_peak_rss_mb  its peak RSS: what the CLI costs before any row
     psql_copy_seconds            psql \\copy of the same file into a plain table
@@ -251,6 +252,7 @@ def main() -> None:
     print(f"import_seconds: {ours:.2f}")
     print(f"import_rows_per_s: {ours_rate:.0f}")
     print(f"import_peak_rss_mb: {peak_mb:.0f}")
+    print(f"import_helpers: {subscriptions.import_helpers(int(size_mb * 1e6))}")
     print(f"import_empty_file_seconds: {empty_seconds:.2f}")
     print(f"import_empty_file_peak_rss_mb: {empty_mb:.0f}")
     print(f"psql_copy_seconds: {reference:.2f}")

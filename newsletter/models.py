@@ -129,8 +129,9 @@ class Subscription(Base):
     # Found by the unique (subscriber_id, list_id): no index of its own (migration 0005).
     # Both name a parent that must exist, without a foreign key: an import inserts a
     # million rows at once, and PostgreSQL checks a key with one query per row. Triggers
-    # check and lock the parents once per statement, refuse moving a subscription, and
-    # delete it with its subscriber or list (migration 0006, docs/architecture.md).
+    # check and lock the parents once per statement, refuse moving a subscription or
+    # changing a parent's id, and delete it with its subscriber or list (migrations 0006
+    # and 0007, docs/architecture.md).
     subscriber_id: Mapped[int] = mapped_column(BigId)
     list_id: Mapped[int] = mapped_column(Integer)
     status: Mapped[SubscriptionStatus] = mapped_column(
