@@ -117,11 +117,11 @@ class Subscription(Base):
     __tablename__ = "subscriptions"
     __table_args__ = (
         UniqueConstraint("subscriber_id", "list_id"),
-        # A page of a list, and of a list's readers in one status, in id order (keyset
-        # paging): without these a page of a small list after a big one, or of a rare
-        # status, reads up to the whole table (migration 0004). The freeze reads a list's
-        # active readers from the second, in subscription order (migration 0006).
-        Index("ix_subscriptions_list_id_page", "list_id", "id"),
+        # A page of a list's readers in one status, in id order (keyset paging), and of all
+        # of them (the next ids of each status, merged: iter_subscriptions): without it a
+        # page of a small list after a big one, or of a rare status, reads up to the whole
+        # table (migration 0004; (list_id, id) went in 0008). The freeze reads a list's
+        # active readers from it, in subscription order (migration 0006).
         Index("ix_subscriptions_list_status_page", "list_id", "status", "id"),
     )
 
