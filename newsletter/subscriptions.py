@@ -874,6 +874,16 @@ def _bulk_import(
         )
         person = "s.id"
         new_rows = f"nl_import i JOIN subscribers s ON s.email = i.email {new_people}"
+    # One `imported` event for the whole import, which each subscription it adds names
+    # (migration 0009): a row per reader was a million identical rows. Its detail gets the
+    # count once it is known; an import that adds nobody leaves no event.
+    event = sql(
+        "INSERT INTO events (created_at, kind, source, subscriber_id, list_id, detail) "
+        "VALUES (:now, 'imported', :source, NULL, :list, NULL) RETURNING id",
+        now=now,
+        source=source,
+        list=list_id,
+    ).scalar_one()
     imported = 0
     for who, token, rows_from in (
         (person, "i.token", new_rows),
@@ -887,24 +897,27 @@ def _bulk_import(
             sql("SELECT set_config('newsletter.parents_held', 'on', true)")
         imported += sql(
             "INSERT INTO subscriptions (subscriber_id, list_id, status, token, soft_bounces, "  # noqa: S608
-            f"paused, created_at, updated_at, confirmed_at) SELECT {who}, :list, :status, "
-            f"{token}, 0, :paused, :now, :now, :confirmed_at FROM {rows_from}",
+            "paused, created_at, updated_at, confirmed_at, import_event_id) "
+            f"SELECT {who}, :list, :status, {token}, 0, :paused, :now, :now, :confirmed_at, "
+            f":event FROM {rows_from}",
             list=list_id,
             status=status.value,
             paused=False,
             now=now,
             confirmed_at=now if confirming else None,
+            event=event,
         ).rowcount
         if held:
             sql("SELECT set_config('newsletter.parents_held', 'off', true)")
+    if imported:
+        shown = name if len(name) <= 400 else "..." + name[-397:]
         sql(
-            "INSERT INTO events (created_at, kind, source, subscriber_id, list_id, detail) "  # noqa: S608
-            f"SELECT :now, 'imported', :source, {who}, :list, :status FROM {rows_from}",
-            now=now,
-            source=source,
-            list=list_id,
-            status=status.value,
+            "UPDATE events SET detail = :detail WHERE id = :event",
+            detail=f"{imported} reader(s) from {shown} as {status.value}",
+            event=event,
         )
+    else:
+        sql("DELETE FROM events WHERE id = :event", event=event)
     sql("DROP TABLE nl_known")
     sql("DROP TABLE nl_import")
     if pg:

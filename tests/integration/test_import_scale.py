@@ -70,7 +70,8 @@ def test_strict_import_of_several_chunks_with_a_bad_last_row_writes_nothing(
     report = do_import(rt, data, confirmed=True, helpers=helpers)
     assert (report.imported, report.rejected) == (ROWS, [(ROWS + 2, report.rejected[0][1])])
     assert count(rt, Subscription, Subscription.status == SubscriptionStatus.ACTIVE) == ROWS
-    assert count(rt, Event, Event.kind == "imported") == ROWS
+    assert count(rt, Event, Event.kind == "imported") == 1  # the import, once
+    assert count(rt, Subscription, Subscription.import_event_id.is_not(None)) == ROWS
 
 
 @HELPED
@@ -158,7 +159,19 @@ def test_reimport_counts_each_row_once_and_leaves_who_left_alone(rt: Runtime) ->
     report = do_import(rt, data.replace("Stay Renamed", "Stay Again"), list_slug="other")
     assert (report.imported, report.updated, report.unchanged, report.rejected) == (3, 0, 0, [])
     assert count(rt, Subscriber) == 3
-    assert count(rt, Event, Event.kind == "imported") == 2 + 1 + 3
+    # One event per import that added someone, named by what it added.
+    assert count(rt, Event, Event.kind == "imported") == 3
+    with rt.sessions() as s:
+        added = s.execute(
+            select(Event.detail, func.count(Subscription.id))
+            .join(Subscription, Subscription.import_event_id == Event.id)
+            .group_by(Event.detail)
+        ).all()
+    assert sorted(added) == [
+        ("1 reader(s) from in.csv as pending", 1),
+        ("2 reader(s) from in.csv as active", 2),
+        ("3 reader(s) from in.csv as pending", 3),
+    ]
 
 
 def test_erased_addresses_stay_out_with_a_long_key(rt: Runtime) -> None:

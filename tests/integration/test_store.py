@@ -138,7 +138,23 @@ def test_import_of_ten_thousand_rows_in_one_go(rt: Runtime) -> None:
     report = do_import(rt, "email,name\n" + rows + "\n", confirmed=True)
     assert report.imported == n and not report.rejected
     assert count(rt, Subscription, Subscription.status == SubscriptionStatus.ACTIVE) == n
-    assert count(rt, Event, Event.kind == "imported") == n
+    # One event records the import; every subscription it added names it.
+    with rt.sessions() as s:
+        event = s.scalars(select(Event).where(Event.kind == "imported")).one()
+        linked = s.scalar(
+            select(func.count())
+            .select_from(Subscription)
+            .where(Subscription.import_event_id == event.id)
+        )
+    assert (event.detail, event.source, event.subscriber_id) == (
+        f"{n} reader(s) from in.csv as active",
+        "import",
+        None,
+    )
+    assert linked == n
+    # An import that adds nobody records nothing.
+    assert do_import(rt, "email\nuser1@example.org\n", confirmed=True).imported == 0
+    assert count(rt, Event, Event.kind == "imported") == 1
 
 
 def test_export_defuses_spreadsheet_formulas(rt: Runtime) -> None:
@@ -171,9 +187,9 @@ def test_erased_address_stays_out_of_later_imports(rt: Runtime) -> None:
 
 
 def test_the_event_log_forgets_erased_readers_and_deleted_lists(rt: Runtime) -> None:
-    """`events` has no foreign keys (an import writes one row per reader); triggers do what
-    their ON DELETE did: an erased reader's events stay, without the reader; a deleted
-    list's events go with it."""
+    """`events` has no foreign keys; triggers do what their ON DELETE did: an erased reader's
+    events stay, without the reader; a deleted list's events go with it, and so do the
+    subscriptions that named its import events."""
     do_import(rt, "email\ngone@example.org\nstays@example.org\n", confirmed=True)
     with rt.sessions() as s, s.begin():
         other_id = subscriptions.create_list(s, "local", "Local", "desk@example.org").id
@@ -185,14 +201,19 @@ def test_the_event_log_forgets_erased_readers_and_deleted_lists(rt: Runtime) -> 
             s, "gone@example.org", suppression_key=KEY, source="operator"
         )
     assert count(rt, Event, Event.subscriber_id == gone_id) == 0
-    assert count(rt, Event, Event.kind == "imported", Event.subscriber_id.is_(None)) == 1
+    assert count(rt, Event, Event.kind == "erased", Event.subscriber_id.is_(None)) >= 1
+    # The import's record stays: it names nobody, and says how many it added.
+    assert count(rt, Event, Event.kind == "imported", Event.detail.startswith("2 reader")) == 1
+    with rt.sessions() as s, s.begin():
+        data = subscriptions.read_text_stream(b"email\nnew@example.org\n", "local.csv")
+        subscriptions.import_csv(s, data, "local", suppression_key=KEY, name="local.csv")
     local_events = count(rt, Event, Event.list_id == other_id)
-    assert local_events >= 1
+    assert local_events >= 2
     with rt.sessions() as s, s.begin():
         s.delete(s.get(MailingList, other_id))
     assert count(rt, Event, Event.list_id == other_id) == 0
     assert count(rt, Subscription, Subscription.list_id == other_id) == 0
-    assert count(rt, Event, Event.kind == "imported") == 2  # the other list's log is intact
+    assert count(rt, Event, Event.kind == "imported") == 1  # the other list's log is intact
 
 
 def _subscribe_row(conn: Connection, subscriber_id: int, list_id: int, token: str) -> None:
