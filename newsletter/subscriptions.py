@@ -714,9 +714,10 @@ def _bulk_import(
     the first write. On PostgreSQL the new subscribers' ids are drawn from their sequence
     while loading (tokens are made in Python), so that their subscribers and subscriptions
     rows are two plain INSERT ... SELECTs from the file's table, with no join back from
-    what was inserted; the import itself is one event (migration 0009). What remains is the database's own per-row work: heap rows
-    and index entries, and, for readers who were there before, one set-based check of the
-    subscriptions' parents (migrations 0006 and 0007; benchmarks/bench_import.py).
+    what was inserted; the import itself is one event (migration 0009). What remains is
+    the database's own per-row work: heap rows and index entries, and, for readers who
+    were there before, one set-based check of the subscriptions' parents (migrations 0006
+    and 0007; benchmarks/bench_import.py).
     """
     conn = session.connection()
     pg = conn.dialect.name == "postgresql"
