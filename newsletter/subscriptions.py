@@ -644,8 +644,8 @@ def _copy_texts(
     block's tokens count through a range set aside for it, so they increase through the
     file as without helpers.
     """
+    email_hash = _suppression_hasher(suppression_key)
     if helpers < 1:
-        email_hash = _suppression_hasher(suppression_key)
         for chunk in rows.chunks():
             yield _copy_text(chunk, tokens.take(len(chunk)), email_hash)
         return
@@ -675,7 +675,7 @@ def _copy_texts(
                     break  # the file's end: the break is real
                 following = sent.popleft()
                 block = (block[0] + following[0], block[1], block[2])
-                result = _check_block(columns, _suppression_hasher(suppression_key), block)
+                result = _check_block(columns, email_hash, block)
             text, rejected, good, broken = result
             if broken is not None:
                 raise InvalidInput(f"{source}: line {broken[0]}: {broken[1]}")
@@ -886,14 +886,14 @@ def _bulk_import(
         list=list_id,
     ).scalar_one()
     imported = 0
-    for who, token, rows_from in (
-        (person, "i.token", new_rows),
-        ("k.subscriber_id", "k.token", "nl_known k WHERE k.subscription_id IS NULL"),
+    for who, token, rows_from, created_here in (
+        (person, "i.token", new_rows, True),
+        ("k.subscriber_id", "k.token", "nl_known k WHERE k.subscription_id IS NULL", False),
     ):
         # Readers created above, by this transaction, and a list locked at the start: the
         # parents trigger has nothing to lock or find (migration 0007). Readers who were
         # there before take the trigger's path, lock included.
-        held = pg and who == person
+        held = pg and created_here
         if held:
             sql("SELECT set_config('newsletter.parents_held', 'on', true)")
         imported += sql(
@@ -976,14 +976,15 @@ def iter_subscriptions(
             )
             .order_by(Subscription.id)
             .limit(wanted)
-            .subquery()
             for one in statuses
         ]
-        ids = union_all(*(select(r.c.id) for r in ranges)).subquery()
+        if len(ranges) > 1:
+            merged = union_all(*(select(r.subquery().c.id) for r in ranges)).subquery()
+            ranges = [select(merged.c.id).order_by(merged.c.id).limit(wanted)]
         query = (
             select(Subscription, Subscriber)
             .join(Subscriber, Subscriber.id == Subscription.subscriber_id)
-            .where(Subscription.id.in_(select(ids.c.id).order_by(ids.c.id).limit(wanted)))
+            .where(Subscription.id.in_(ranges[0].scalar_subquery()))
             .order_by(Subscription.id)
         )
         batch = session.execute(query).all()
