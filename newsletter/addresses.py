@@ -93,3 +93,14 @@ def parse_from_address(raw: str) -> tuple[str, str]:
 
 def domain_of(email: str) -> str:
     return email.rpartition("@")[2]
+
+
+def address_key(email: str) -> str:
+    """The identity of a mailbox: the stored address compared case-insensitively.
+
+    The domain is already lower-case in the stored form; the local part is folded too, as every
+    major mailbox provider (and listmonk) treats it. One key is one reader: import, forms, the
+    API, erasure, suppression and rate limits look readers up by it, while the address the
+    reader typed stays for display and for the envelope.
+    """
+    return email.strip().lower()
