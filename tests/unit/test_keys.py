@@ -32,7 +32,7 @@ def test_derive_all_keeps_the_order_of_the_secrets() -> None:
 
 @pytest.mark.parametrize(("secret", "purpose"), [("", "links"), ("secret", "")])
 def test_empty_secret_or_purpose_is_refused(secret: str, purpose: str) -> None:
-    with pytest.raises(ValueError, match="empty secret|needs a purpose"):
+    with pytest.raises(ValueError, match=r"empty secret|needs a purpose"):
         derive(secret, purpose)
 
 
