@@ -6,13 +6,27 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from collections.abc import Sequence
 
 from itsdangerous import BadSignature, SignatureExpired, Signer, TimestampSigner
+from itsdangerous.encoding import base64_decode, base64_encode
 
 from newsletter.errors import InvalidInput
 
 CONFIRM_MAX_AGE = 7 * 24 * 3600
+
+# The exact form of a signed link: the opaque token, for confirm links a timestamp, and the
+# SHA-256 signature, each unpadded URL-safe base64 joined by ".". base64 decoding ignores
+# padding and characters outside its alphabet, and the signature's last character carries
+# two unused bits, so without this a link with "=" or "!!!!" appended, or its last character
+# changed, would carry the same signature.
+_SEGMENT = r"[A-Za-z0-9_-]+"
+_SIGNATURE_CHARS = 43  # 32 bytes of SHA-256, unpadded
+_FORM = {
+    False: re.compile(rf"{_SEGMENT}\.([A-Za-z0-9_-]{{{_SIGNATURE_CHARS}}})"),
+    True: re.compile(rf"{_SEGMENT}\.({_SEGMENT})\.([A-Za-z0-9_-]{{{_SIGNATURE_CHARS}}})"),
+}
 
 
 class Purpose(enum.StrEnum):
@@ -49,6 +63,8 @@ class LinkSigner:
 
     def unsign(self, purpose: Purpose, signed: str) -> str:
         signer = self._signer(purpose)
+        if not exact_form(signed, timestamped=isinstance(signer, TimestampSigner)):
+            raise TokenError("this link is not valid (it may be incomplete or altered)")
         try:
             if isinstance(signer, TimestampSigner):
                 raw = signer.unsign(signed, max_age=CONFIRM_MAX_AGE)
@@ -59,6 +75,18 @@ class LinkSigner:
         except BadSignature:
             raise TokenError("this link is not valid (it may be incomplete or altered)") from None
         return raw.decode("ascii")
+
+
+def exact_form(signed: str, *, timestamped: bool) -> bool:
+    """Whether `signed` has the one form our signer writes (pure; the MAC is checked apart):
+    URL-safe base64 segments with no padding, no stray character, and each encoded part in
+    its canonical encoding (decoding and encoding again gives it back)."""
+    found = _FORM[timestamped].fullmatch(signed)
+    if found is None:
+        return False
+    return all(
+        base64_encode(base64_decode(part)).decode("ascii") == part for part in found.groups()
+    )
 
 
 def link(base_url: str, purpose: Purpose, signed: str) -> str:
