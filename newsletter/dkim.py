@@ -121,17 +121,35 @@ def load_private_key(pem: bytes) -> PrivateKey:
 
 
 def write_private_key(path: Path, key: PrivateKey, *, overwrite: bool = False) -> None:
-    """Write the PEM key readable by its owner only (0600), never through a wider mode."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    """Write the PEM key readable by its owner only (0600), never through a wider mode and
+    never through a symlink: the key goes to a new temporary file beside `path` (created
+    0600, O_EXCL) and is then renamed over the name, so a symlink or file already there is
+    replaced as a directory entry (with `overwrite`) or refused, and whatever a symlink
+    pointed at is left untouched. A reader sees the old key or the new one, never half."""
+    import tempfile
+
+    directory = path.parent
     try:
-        fd = os.open(path, flags, 0o600)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    except OSError as exc:
+        raise DkimError(f"cannot write {path}: {exc.strerror}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(private_key_pem(key))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path, follow_symlinks=False)  # refuses any existing name
     except FileExistsError:
         raise DkimError(f"{path} already exists (use --force to replace it)") from None
     except OSError as exc:
         raise DkimError(f"cannot write {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), 0o600)
-        fh.write(private_key_pem(key))
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def dns_txt_value(key: PrivateKey) -> str:

@@ -36,6 +36,7 @@ from newsletter.dkim import (
     private_key_pem,
     relaxed_body,
     signer_from_settings,
+    write_private_key,
 )
 from newsletter.message import (
     CompiledMessage,
@@ -364,3 +365,31 @@ def test_placeholders_are_unaffected_by_signing() -> None:
     )
     for marker in placeholders.ALL:
         assert marker.encode() not in data
+
+
+def test_write_private_key_replaces_a_file_only_when_told_and_leaves_no_temporary(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "news.pem"
+    write_private_key(path, KEYS["ed25519"])
+    first = path.read_bytes()
+    with pytest.raises(DkimError, match="already exists"):
+        write_private_key(path, KEYS["rsa"])
+    assert path.read_bytes() == first
+    path.chmod(0o644)
+    write_private_key(path, KEYS["rsa"], overwrite=True)
+    assert path.read_bytes() == private_key_pem(KEYS["rsa"])
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["news.pem"]
+    with pytest.raises(DkimError, match="cannot write"):
+        write_private_key(tmp_path / "missing" / "news.pem", KEYS["rsa"])
+
+
+def test_write_private_key_replaces_a_symlink_instead_of_following_it(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.write_bytes(b"keep")
+    link = tmp_path / "news.pem"
+    link.symlink_to(target)
+    write_private_key(link, KEYS["ed25519"], overwrite=True)
+    assert target.read_bytes() == b"keep"
+    assert not link.is_symlink() and link.read_bytes() == private_key_pem(KEYS["ed25519"])
