@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
@@ -26,6 +26,7 @@ from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.models import Issue, MailingList, SubscriptionStatus
 from newsletter.transport import Outcome, session_of
 from newsletter.web.context import WebContext, web_context
+from newsletter.web.ids import IssueId, SubscriptionCursor
 
 bearer = HTTPBearer(auto_error=False, description="NEWSLETTER_ADMIN_TOKEN")
 
@@ -112,7 +113,9 @@ class EmailIn(BaseModel):
 def list_subscribers(
     slug: str,
     status: SubscriptionStatus | None = None,
-    after: int = Query(0, ge=0, description="Continue after this subscription id."),
+    after: Annotated[
+        SubscriptionCursor, Query(description="Continue after this subscription id.")
+    ] = 0,
     limit: int = Query(100, ge=1, le=1000),
     ctx: WebContext = Depends(web_context),
 ) -> dict[str, Any]:
@@ -323,14 +326,14 @@ def compose(body: ComposeIn, ctx: WebContext = Depends(web_context)) -> dict[str
 
 
 @router.get("/issues/{issue_id}", tags=["issues"])
-def status(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
+def status(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Status, counts per delivery status, and the last errors."""
     with ctx.transaction() as s:
         return delivery.issue_status(s, issue_id)
 
 
 @router.get("/issues/{issue_id}/preview", tags=["issues"])
-def preview(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
+def preview(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """The html and text exactly as the list's first reader would get them."""
     with ctx.transaction() as s:
         issue = issues.get_issue(s, issue_id)
@@ -346,7 +349,7 @@ def preview(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, 
 
 @router.post("/issues/{issue_id}/test", tags=["issues"])
 def test_send(
-    issue_id: int, body: EmailIn, ctx: WebContext = Depends(web_context)
+    issue_id: IssueId, body: EmailIn, ctx: WebContext = Depends(web_context)
 ) -> dict[str, Any]:
     """Send one copy, subject prefixed [TEST], to one address; changes nothing."""
     rt = ctx.runtime
@@ -360,7 +363,7 @@ def test_send(
 
 
 @router.post("/issues/{issue_id}/send", status_code=202, tags=["issues"])
-def send(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
+def send(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Freeze the audience and start sending (through the workers when BROKER_URL is set,
     otherwise in this process). Follow it with GET /api/issues/{id}."""
     rt = ctx.runtime
@@ -379,7 +382,7 @@ def send(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any
 
 
 @router.post("/issues/{issue_id}/pause", tags=["issues"])
-def pause(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
+def pause(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Stop claiming new batches; batches in flight finish."""
     with ctx.transaction() as s:
         delivery.pause_issue(s, issue_id)
@@ -388,7 +391,7 @@ def pause(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, An
 
 
 @router.post("/issues/{issue_id}/resume", tags=["issues"])
-def resume(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
+def resume(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Continue a paused issue, or re-enqueue the lost work of a sending one."""
     with ctx.transaction() as s:
         batch_ids = delivery.resume_issue(s, issue_id)
@@ -399,7 +402,7 @@ def resume(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, A
 
 
 @router.post("/issues/{issue_id}/cancel", tags=["issues"])
-def cancel(issue_id: int, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
+def cancel(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Cancel what is not sent yet."""
     with ctx.transaction() as s:
         cancelled = delivery.cancel_issue(s, issue_id)

@@ -17,7 +17,7 @@ from newsletter.errors import Conflict, InvalidInput, NewsletterError, NotFound
 from newsletter.message import HeaderValueError
 from newsletter.runtime import Runtime
 from newsletter.tokens import TokenError
-from newsletter.web import api, pages
+from newsletter.web import api, ids, pages
 from newsletter.web.api import UpstreamError
 from newsletter.web.context import WebContext, page_environment, sentence
 from newsletter.web.dispatch import Dispatcher
@@ -144,6 +144,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         errors = exc.errors()
         first = errors[0] if errors else {}
+        for error in errors:  # an id in the path that cannot exist names nothing: 404
+            if error.get("type") == ids.ERROR_TYPE and tuple(error.get("loc", ()))[:1] == ("path",):
+                thing = error.get("ctx", {}).get("thing", "item")
+                return _error(request, 404, f"unknown {thing} {ids.shown(error.get('input'))}")
         if first.get("type") == "json_invalid":
             return _error(request, 400, "the request body is not valid JSON")
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")

@@ -37,6 +37,7 @@ from newsletter.models import (
 from newsletter.tokens import Purpose
 from newsletter.web import archive
 from newsletter.web.context import PAGE_HEADERS, WebContext, client_ip, sentence, web_context
+from newsletter.web.ids import IssueId
 
 log = logging.getLogger(__name__)
 
@@ -510,11 +511,13 @@ def _titles(s: Session, issue_ids: list[int]) -> dict[int, list[str]]:
 
 
 @router.get("/archive/{slug}/{issue_id}", response_class=HTMLResponse, tags=["public pages"])
-def archive_issue(slug: str, issue_id: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse:
+def archive_issue(
+    slug: str, issue_id: IssueId, ctx: WebContext = Depends(web_context)
+) -> HTMLResponse:
     """One sent issue as readers got it, without anyone's personal links."""
     with ctx.transaction() as s:
         mlist = subscriptions.get_list(s, slug)
-        issue = s.get(Issue, int(issue_id)) if issue_id.isdigit() and len(issue_id) < 10 else None
+        issue = s.get(Issue, issue_id)
         if issue is None or issue.list_id != mlist.id or issue.status != IssueStatus.SENT:
             raise NotFound(f"{mlist.name} has no sent issue {issue_id}")
         html = archive.public_html(

@@ -268,7 +268,7 @@ def test_articles_issues_preview_test_send_and_status(
     for action in ("pause", "resume", "cancel"):
         assert api(web, "POST", f"/issues/{issue_id}/{action}").status_code == 409, action
     assert api(web, "GET", "/issues/999").status_code == 404
-    assert api(web, "GET", "/issues/abc").status_code == 422
+    assert api(web, "GET", "/issues/abc").status_code == 404  # an id that cannot exist
 
 
 def wait_status(web: Served, issue_id: int, wanted: str, timeout: float = 30) -> dict[str, Any]:
