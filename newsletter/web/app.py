@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from newsletter.articles import ArticleParseError
 from newsletter.errors import Conflict, InvalidInput, NewsletterError, NotFound
@@ -46,6 +48,9 @@ def create_app(
         version="0.1.0",
         docs_url="/docs",
         redoc_url=None,
+        # Starlette's own slash redirect builds an absolute URL from the Host header (a
+        # spoofed Host would send readers elsewhere); ours is relative (see _slash_redirect).
+        redirect_slashes=False,
     )
     app.state.web = WebContext(
         runtime=runtime,
@@ -133,6 +138,23 @@ def _error(
     return ctx.error_page(status, title, sentence(message), hint)
 
 
+def _slash_redirect(request: Request) -> Response | None:
+    """`/subscribe/world/` -> `/subscribe/world`: a relative Location (never built from the
+    Host header), only to a route that exists, and never to `//host` (another site)."""
+    path = request.url.path
+    if request.method not in ("GET", "HEAD") or len(path) < 2 or not path.endswith("/"):
+        return None
+    target = path.rstrip("/")
+    if not target.startswith("/") or target.startswith(("//", "/\\")):
+        return None
+    scope = {"type": "http", "path": target, "root_path": "", "method": request.method}
+    if not any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+        return None
+    query = request.url.query
+    location = quote(target) + (f"?{query}" if query else "")
+    return RedirectResponse(location, status_code=308)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     async def newsletter_error(request: Request, exc: Exception) -> Response:
         status = _status_of(exc)
@@ -158,6 +180,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404 and (redirect := _slash_redirect(request)) is not None:
+            return redirect
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 404 and message == "Not Found":
             message = "there is no page at this address"
