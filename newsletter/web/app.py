@@ -5,7 +5,6 @@ turn the package's errors into the right status code."""
 from __future__ import annotations
 
 import logging
-import re
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
@@ -24,6 +23,7 @@ from newsletter.web.api import UpstreamError
 from newsletter.web.context import WebContext, page_environment, sentence
 from newsletter.web.dispatch import Dispatcher
 from newsletter.web.limits import Limiter, SubscribeLimits, make_limiter
+from newsletter.web.redact import RedactLinkTokens, redact_tokens
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +64,6 @@ def create_app(
     _install_error_handlers(app)
     _redact_access_log()
     return app
-
-
-# A signed token in a path is a key to someone's subscription: never write it to a log.
-_TOKEN_IN_PATH = re.compile(r"(/(?:confirm|unsubscribe|preferences)/)[^/?#\s\"]+")
-
-
-def redact_tokens(text: str) -> str:
-    return _TOKEN_IN_PATH.sub(r"\1[token]", text)
-
-
-class RedactLinkTokens(logging.Filter):
-    """Replaces link tokens in log arguments (uvicorn's access log prints every path)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
-            record.args = tuple(redact_tokens(a) if isinstance(a, str) else a for a in record.args)
-        elif isinstance(record.msg, str):
-            record.msg = redact_tokens(record.msg)
-        return True
 
 
 def _redact_access_log() -> None:
