@@ -221,27 +221,43 @@ def _list_name(s: Session, sub: Subscription) -> str:
 
 @router.get("/confirm/{signed}", response_class=HTMLResponse, tags=["public pages"])
 def confirm_page(signed: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse:
-    """A page with a button; changes nothing."""
+    """A page with a button (or, when not pending, what the reader's status is); changes
+    nothing."""
     with ctx.transaction() as s:
         sub = _by_token(s, ctx, Purpose.CONFIRM, signed)
-        list_name = _list_name(s, sub)
-        active = sub.status == SubscriptionStatus.ACTIVE
-        preferences = ctx.path(Purpose.PREFERENCES, sub.token)
+        return _confirm_view(s, ctx, signed, sub, sub.status)
+
+
+def _confirm_view(
+    s: Session,
+    ctx: WebContext,
+    signed: str,
+    sub: Subscription,
+    state: SubscriptionStatus,
+    status: int = 200,
+) -> HTMLResponse:
+    list_name = _list_name(s, sub)
     return ctx.render(
         "confirm.html",
+        status=status,
         title=f"Confirm your subscription - {list_name}",
         list_name=list_name,
-        active=active,
+        state=state.value,
         action=f"/confirm/{signed}",
-        preferences_url=preferences,
+        unsubscribe_action=ctx.path(Purpose.UNSUBSCRIBE, sub.token),
+        preferences_url=ctx.path(Purpose.PREFERENCES, sub.token),
     )
 
 
 @router.post("/confirm/{signed}", response_class=HTMLResponse, tags=["public pages"])
 def confirm(signed: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse:
-    """Activate the subscription."""
+    """Activate a pending subscription. Any other status is left as it is (a replayed link
+    never brings back a reader who left, bounced or complained); the page says which."""
     with ctx.transaction() as s:
         sub = _by_token(s, ctx, Purpose.CONFIRM, signed)
+        if sub.status != SubscriptionStatus.PENDING:
+            left = sub.status != SubscriptionStatus.ACTIVE
+            return _confirm_view(s, ctx, signed, sub, sub.status, 409 if left else 200)
         subscriptions.set_status(s, sub, SubscriptionStatus.ACTIVE, "page")
         list_name = _list_name(s, sub)
         preferences = ctx.path(Purpose.PREFERENCES, sub.token)
@@ -258,6 +274,9 @@ def confirm(signed: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse
 # --- unsubscribe -------------------------------------------------------------------------------
 
 
+_STOPPED = (SubscriptionStatus.BOUNCED, SubscriptionStatus.COMPLAINED)
+
+
 def _receiving(sub: Subscription) -> bool:
     return sub.status in (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
 
@@ -269,12 +288,14 @@ def unsubscribe_page(signed: str, ctx: WebContext = Depends(web_context)) -> HTM
         sub = _by_token(s, ctx, Purpose.UNSUBSCRIBE, signed)
         list_name = _list_name(s, sub)
         subscribed = _receiving(sub)
+        stopped = sub.status in _STOPPED
         preferences = ctx.path(Purpose.PREFERENCES, sub.token)
     return ctx.render(
         "unsubscribe.html",
         title=f"Unsubscribe - {list_name}",
         list_name=list_name,
         subscribed=subscribed,
+        stopped=stopped,
         action=f"/unsubscribe/{signed}",
         preferences_url=preferences,
     )
@@ -299,12 +320,29 @@ def _unsubscribe(ctx: WebContext, signed: str, form: Form) -> HTMLResponse:
         list_name = _list_name(s, sub)
         preferences = ctx.path(Purpose.PREFERENCES, sub.token)
         unconfirmed = sub.status == SubscriptionStatus.PENDING
-        if resubscribe and not unconfirmed:
+        stopped = sub.status in _STOPPED  # by a bounce or a complaint: not the reader's undo
+        if resubscribe and not unconfirmed and not stopped:
             subscriptions.set_status(s, sub, SubscriptionStatus.ACTIVE, "page")
-        elif not resubscribe:
+        elif not resubscribe and not stopped:
             subscriptions.set_status(
                 s, sub, SubscriptionStatus.UNSUBSCRIBED, "one-click" if one_click else "page"
             )
+    if resubscribe and stopped:
+        why = "bounced" if sub.status == SubscriptionStatus.BOUNCED else "complained"
+        return ctx.render(
+            "confirmed.html",
+            status=409,
+            title=f"Not subscribed - {list_name}",
+            list_name=list_name,
+            heading="This link cannot subscribe you again",
+            message=(
+                f"{list_name} stopped because mail to your address bounced."
+                if why == "bounced"
+                else f"{list_name} stopped because you reported it as spam."
+            )
+            + " Nothing was changed.",
+            preferences_url=preferences,
+        )
     if resubscribe and unconfirmed:  # joining takes the emailed confirmation link
         return ctx.render(
             "confirmed.html",
@@ -373,6 +411,7 @@ def _preferences_view(
         action=f"/preferences/{signed}",
         unsubscribe_action=ctx.path(Purpose.UNSUBSCRIBE, sub.token),
         subscribed=_receiving(sub),
+        stopped=sub.status in _STOPPED,
         name=name[:200],
         sections=_sections_view(available, chosen),
         paused=paused,
