@@ -27,6 +27,9 @@ from newsletter.compose import (  # noqa: E402
     make_environment,
     render_issue,
 )
+from newsletter.placeholders import Markers  # noqa: E402
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 SECTIONS = ("World", "Europe", "Americas", "Asia", "Africa", "Science", "Business", "Culture")
 ISSUE_DATE = datetime.date(2026, 11, 28)
@@ -53,6 +56,7 @@ def sample_articles(count: int = 10, sections: tuple[str, ...] = SECTIONS) -> li
 
 def sample_context(articles: list[DigestArticle]) -> DigestContext:
     return DigestContext(
+        markers=MARKERS,
         list_name="World Digest",
         list_slug="world",
         issue_date=ISSUE_DATE,

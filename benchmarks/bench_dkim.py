@@ -41,6 +41,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa  # noqa: E402
 from newsletter.compose import make_environment, render_issue  # noqa: E402
 from newsletter.dkim import DkimSigner, generate_private_key, private_key_pem  # noqa: E402
 from newsletter.message import CompiledMessage, IssueMessageSpec, format_date  # noqa: E402
+from newsletter.placeholders import Markers  # noqa: E402
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 
 def shown(figures: tuple[float, float]) -> str:
@@ -72,6 +75,7 @@ def main() -> None:
     env = make_environment(ROOT / "templates")
     issue = render_issue(sample_context(sample_articles(10)), env)
     spec = IssueMessageSpec(
+        markers=MARKERS,
         subject=issue.subject,
         from_address="World Desk <desk@example.org>",
         reply_to=None,

@@ -43,7 +43,10 @@ from newsletter.message import (  # noqa: E402
     format_date,
     make_message_id,
 )
+from newsletter.placeholders import Markers  # noqa: E402
 from newsletter.tokens import LinkSigner  # noqa: E402
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 NAMES = ("Ada Lovelace", "José Ñúñez", None, "李小龍", 'Bob "The Builder" O\'Neil', "Grace Hopper")
 BASE = "https://news.example.org"
@@ -102,6 +105,7 @@ def main() -> None:
     env = make_environment(ROOT / "templates")
     issue = render_issue(sample_context(sample_articles(10)), env)
     spec = IssueMessageSpec(
+        markers=MARKERS,
         subject=issue.subject,
         from_address="World Desk <desk@example.org>",
         reply_to=None,

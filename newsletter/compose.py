@@ -5,9 +5,10 @@ placeholders of :mod:`newsletter.placeholders` byte for byte; :mod:`newsletter.m
 substitutes them for each reader.
 
 Article text is untrusted. It is HTML-escaped by Jinja2's autoescape, article links are kept
-only for http and https URLs, control characters are dropped and any placeholder marker an
-article smuggles in is removed (so a crafted article URL cannot collect readers'
-unsubscribe links).
+only for http and https URLs and control characters are dropped. Per-reader values are
+reachable only through the issue's own markers (:class:`newsletter.placeholders.Markers`),
+whose random key no content field contains in any case or encoding: :func:`render_issue`
+refuses content that does, so no template filter can turn content into a reader's link.
 """
 
 from __future__ import annotations
@@ -61,7 +62,23 @@ class DigestContext:
     subject: str
     articles: Sequence[DigestArticle]
     postal_address: str
+    markers: placeholders.Markers
     archive_url: str | None = None
+
+    def content(self) -> list[str]:
+        """Every text of this context that comes from outside (feeds, the list, the
+        operator) and reaches a template: what the markers' key must not be found in."""
+        return digest_content(self.list_name, self.subject, self.postal_address, self.articles)
+
+
+def digest_content(
+    list_name: str, subject: str, postal_address: str, articles: Sequence[DigestArticle]
+) -> list[str]:
+    """The outside texts of a digest (DigestContext.content), before its markers exist."""
+    texts = [list_name, subject, postal_address]
+    for article in articles:
+        texts += [article.section, article.title, article.summary, article.url or ""]
+    return texts
 
 
 @dataclass(frozen=True)
@@ -101,8 +118,7 @@ def wrap_text(text: str, width: int = TEXT_WIDTH, subsequent_indent: str = "") -
 
 
 def one_line(text: str) -> str:
-    """Untrusted text as a single clean line: controls dropped, whitespace collapsed,
-    placeholder markers removed."""
+    """Untrusted text as a single clean line: controls dropped, whitespace collapsed."""
     return " ".join(_scrub(text).split())
 
 
@@ -112,8 +128,6 @@ def safe_link(url: str | None) -> str | None:
         return None
     url = url.strip()
     if not url or _CONTROL_CHARS.search(url) or any(c.isspace() for c in url):
-        return None
-    if url != _scrub(url):
         return None
     try:
         parts = urlsplit(url)
@@ -153,8 +167,10 @@ def default_subject(
 def render_issue(ctx: DigestContext, env: jinja2.Environment) -> RenderedIssue:
     """Render digest.html and digest.txt once and inline the html's CSS once.
 
-    The returned html and text still hold the placeholders of newsletter.placeholders.
+    The returned html and text still hold the issue's markers (ctx.markers); ValueError when
+    some content contains their key.
     """
+    placeholders.check_content(ctx.markers, ctx.content())
     articles = [
         {
             "anchor": f"article-{index}",
@@ -177,7 +193,9 @@ def render_issue(ctx: DigestContext, env: jinja2.Environment) -> RenderedIssue:
         "archive_url": safe_link(ctx.archive_url),
         "preheader": _preheader(articles),
         "rule": "-" * TEXT_WIDTH,
-        **_markers(),
+        "name_marker": ctx.markers.name,
+        "unsubscribe_marker": ctx.markers.unsubscribe_url,
+        "preferences_marker": ctx.markers.preferences_url,
     }
     html = inline_css(env.get_template(DIGEST_HTML).render(values))
     text = env.get_template(DIGEST_TEXT).render(values)
@@ -214,24 +232,9 @@ def inline_css(html: str) -> str:
     return result
 
 
-def _markers() -> dict[str, str]:
-    return {
-        "name_marker": placeholders.NAME,
-        "unsubscribe_marker": placeholders.UNSUBSCRIBE_URL,
-        "preferences_marker": placeholders.PREFERENCES_URL,
-    }
-
-
 def _scrub(text: str) -> str:
-    """Drop control characters and any placeholder marker from untrusted text."""
-    text = _CONTROL_CHARS.sub("", text)
-    while True:
-        cleaned = text
-        for marker in placeholders.ALL:
-            cleaned = cleaned.replace(marker, "")
-        if cleaned == text:
-            return text
-        text = cleaned
+    """Drop control characters from untrusted text."""
+    return _CONTROL_CHARS.sub("", text)
 
 
 def _header_safe(text: str) -> str:

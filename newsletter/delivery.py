@@ -73,6 +73,7 @@ from newsletter.models import (
     SubscriptionStatus,
     utcnow,
 )
+from newsletter.placeholders import Markers
 from newsletter.ratelimit import Throttle
 from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, link
@@ -206,6 +207,7 @@ def prepare_issue(
         html=variant.html if variant is not None else issue.html,
         text=variant.text if variant is not None else issue.text,
         message_id_domain=domain,
+        markers=Markers(issue.marker_key),
     )
     return PreparedIssue(
         issue_id=issue.id,

@@ -16,6 +16,7 @@ import jinja2
 from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
+from newsletter import placeholders
 from newsletter.addresses import normalize_email, parse_from_address
 from newsletter.articles import ParsedArticle, summary_for
 from newsletter.compose import (
@@ -23,6 +24,7 @@ from newsletter.compose import (
     DigestContext,
     RenderedIssue,
     default_subject,
+    digest_content,
     render_issue,
 )
 from newsletter.delivery import Links, build_for, prepare_issue, start_send
@@ -153,6 +155,10 @@ def compose_issue(
             raise InvalidInput("the subject is empty")
     subject = subject or default_subject(mlist.name, day, digest)
     check_header_value(subject, "subject")
+    # Drawn now that the content is known: a key that no content field contains.
+    markers = placeholders.new_markers(
+        digest_content(mlist.name, subject[:300], postal_address, digest)
+    )
     issue = Issue(
         list_id=mlist.id,
         subject=subject[:300],
@@ -160,6 +166,7 @@ def compose_issue(
         html="",
         text="",
         nonce=secrets.token_hex(6),
+        marker_key=markers.key,
         consecutive_failures=0,
     )
     session.add(issue)
@@ -195,6 +202,7 @@ def _render(
             subject=issue.subject,
             articles=digest,
             postal_address=postal_address,
+            markers=placeholders.Markers(issue.marker_key),
             archive_url=f"{base_url}/archive/{mlist.slug}/{issue.id}",
         ),
         env,

@@ -2,7 +2,7 @@
 
 Pure and fast. :meth:`CompiledMessage.compile` does every per-issue step (validating and
 RFC 2047-encoding the headers, choosing the MIME boundary, encoding both bodies and splitting
-them at the placeholders of :mod:`newsletter.placeholders`) so that
+them at the issue's own markers, :mod:`newsletter.placeholders`) so that
 :meth:`CompiledMessage.build` only validates the recipient, encodes a handful of short values
 and joins precomputed byte chunks. Python's ``EmailMessage`` costs milliseconds per message;
 this costs microseconds.
@@ -70,6 +70,8 @@ _HTML_UNSUBSCRIBE: Final = 9
 _HTML_PREFERENCES: Final = 10
 _SLOT_COUNT: Final = 11
 
+# Slots and html line budgets by marker kind; each issue's markers carry its own key
+# (newsletter.placeholders), so the split pattern is made per compile (_Layout).
 _TEXT_SLOTS: Final = {
     placeholders.NAME: _TEXT_NAME,
     placeholders.UNSUBSCRIBE_URL: _TEXT_UNSUBSCRIBE,
@@ -85,7 +87,27 @@ _HTML_BUDGET: Final = {
     placeholders.UNSUBSCRIBE_URL: MAX_URL_OCTETS,
     placeholders.PREFERENCES_URL: MAX_URL_OCTETS,
 }
-_PLACEHOLDER_SPLIT: Final = re.compile("(" + "|".join(map(re.escape, placeholders.ALL)) + ")")
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one issue's markers are, and which slot each becomes."""
+
+    split: re.Pattern[str]
+    text_slots: dict[str, int]
+    html_slots: dict[str, int]
+    budget: dict[str, int]
+
+    @classmethod
+    def of(cls, markers: placeholders.Markers) -> _Layout:
+        kinds = {markers.marker(kind): kind for kind in placeholders.KINDS}
+        return cls(
+            re.compile("(" + "|".join(map(re.escape, kinds)) + ")"),
+            {marker: _TEXT_SLOTS[kind] for marker, kind in kinds.items()},
+            {marker: _HTML_SLOTS[kind] for marker, kind in kinds.items()},
+            {marker: _HTML_BUDGET[kind] for marker, kind in kinds.items()},
+        )
+
 
 _ATEXT: Final = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~-"
 _ATOM_PHRASE: Final = re.compile(rf"[{_ATEXT}]{{1,76}}(?: [{_ATEXT}]{{1,76}})*")
@@ -132,6 +154,7 @@ class IssueMessageSpec:
     html: str
     text: str
     message_id_domain: str
+    markers: placeholders.Markers  # the issue's own (issues.marker_key)
 
 
 @dataclass(frozen=True)
@@ -182,6 +205,7 @@ def fill_placeholders(
     unsubscribe_url: str,
     preferences_url: str,
     html: bool,
+    markers: placeholders.Markers,
 ) -> str:
     """Substitute the placeholders of a stored html or text body for one reader, exactly as
     the message builder does (for previews and the web archive; not used per message)."""
@@ -191,9 +215,9 @@ def fill_placeholders(
         unsubscribe_url = html_lib.escape(unsubscribe_url)
         preferences_url = html_lib.escape(preferences_url)
     return (
-        body.replace(placeholders.NAME, shown)
-        .replace(placeholders.UNSUBSCRIBE_URL, unsubscribe_url)
-        .replace(placeholders.PREFERENCES_URL, preferences_url)
+        body.replace(markers.name, shown)
+        .replace(markers.unsubscribe_url, unsubscribe_url)
+        .replace(markers.preferences_url, preferences_url)
     )
 
 
@@ -295,11 +319,12 @@ class CompiledMessage:
 
         text = _normalize_newlines(spec.text)
         html = _normalize_newlines(spec.html).replace("\x00", "\ufffd")
-        html_pieces = _html_7bit_pieces(html)
+        layout = _Layout.of(spec.markers)
+        html_pieces = _html_7bit_pieces(html, layout)
         html_encoding = "7bit" if html_pieces is not None else "quoted-printable"
         if html_pieces is None:
-            html_pieces = _qp_pieces(html, _HTML_SLOTS)
-        text_pieces = _qp_pieces(text, _TEXT_SLOTS)
+            html_pieces = _qp_pieces(html, layout.split, layout.html_slots)
+        text_pieces = _qp_pieces(text, layout.split, layout.text_slots)
 
         literal = b"".join(p for p in (*text_pieces, *html_pieces) if isinstance(p, bytes))
         boundary = "=_nl" + secrets.token_hex(12)
@@ -606,14 +631,16 @@ def _qp_value(data: bytes) -> bytes:
 _FROM_LINE: Final = re.compile(rb"^From ", re.MULTILINE)
 
 
-def _qp_pieces(body: str, slot_for: dict[str, int]) -> list[bytes | int]:
+def _qp_pieces(
+    body: str, split_pattern: re.Pattern[str], slot_for: dict[str, int]
+) -> list[bytes | int]:
     """``body`` quoted-printable encoded per literal chunk, with a slot for each placeholder.
 
     Each chunk and each substituted value starts at column 0 and ends either at a line end
     or with a soft line break, so chunks can be encoded once and joined in any order.
     """
     pieces: list[bytes | int] = []
-    split = _PLACEHOLDER_SPLIT.split(body)
+    split = split_pattern.split(body)
     for index, piece in enumerate(split):
         if index % 2:
             pieces.append(slot_for[piece])
@@ -629,7 +656,7 @@ def _qp_pieces(body: str, slot_for: dict[str, int]) -> list[bytes | int]:
     return pieces
 
 
-def _html_7bit_pieces(html: str) -> list[bytes | int] | None:
+def _html_7bit_pieces(html: str, layout: _Layout) -> list[bytes | int] | None:
     """The html as 7bit pieces with a slot for each placeholder: non-ASCII as character
     references (CSS escapes inside <style>), long lines wrapped at rendering-neutral spaces.
 
@@ -639,14 +666,14 @@ def _html_7bit_pieces(html: str) -> list[bytes | int] | None:
     marked = _mark_breakable_spaces(_html_to_ascii(html))
     lines: list[str] = []
     for line in marked.split("\n"):
-        if _measure(line) <= HTML_LINE_LIMIT:
+        if _measure(line, layout.budget) <= HTML_LINE_LIMIT:
             lines.append(line.replace(_BREAK, " "))
             continue
         words = line.split(_BREAK)
         current = words[0]
-        width = _measure(current)
+        width = _measure(current, layout.budget)
         for word in words[1:]:
-            word_width = _measure(word)
+            word_width = _measure(word, layout.budget)
             if width + 1 + word_width <= HTML_LINE_LIMIT:
                 current += " " + word
                 width += 1 + word_width
@@ -660,20 +687,20 @@ def _html_7bit_pieces(html: str) -> list[bytes | int] | None:
         lines.append(current)
     wrapped = "\r\n".join(lines)
     pieces: list[bytes | int] = []
-    for index, piece in enumerate(_PLACEHOLDER_SPLIT.split(wrapped)):
+    for index, piece in enumerate(layout.split.split(wrapped)):
         if index % 2:
-            pieces.append(_HTML_SLOTS[piece])
+            pieces.append(layout.html_slots[piece])
         elif piece:
             pieces.append(piece.encode("ascii"))
     return pieces
 
 
-def _measure(line: str) -> int:
+def _measure(line: str, budget: dict[str, int]) -> int:
     """Length of a line once substituted, counting each placeholder at its largest size."""
     width = len(line)
-    for marker, budget in _HTML_BUDGET.items():
+    for marker, size in budget.items():
         if marker in line:
-            width += line.count(marker) * (budget - len(marker))
+            width += line.count(marker) * (size - len(marker))
     return width
 
 

@@ -215,6 +215,9 @@ class Issue(Base):
     html: Mapped[str] = mapped_column(Text)
     text: Mapped[str] = mapped_column(Text)
     nonce: Mapped[str] = mapped_column(String(32))  # makes Message-IDs unique across installs
+    # The random part of this issue's per-reader markers (newsletter.placeholders): content
+    # cannot spell a marker it cannot know (migration 0010).
+    marker_key: Mapped[str] = mapped_column(String(20))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     send_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -10,33 +10,42 @@ from dataclasses import dataclass
 from datetime import datetime
 from xml.etree import ElementTree as ET
 
-from newsletter import placeholders
 from newsletter.message import fill_placeholders
+from newsletter.placeholders import Markers
 
 ARCHIVE_NAME = "reader"
 ATOM_NS = "http://www.w3.org/2005/Atom"
 
+
 # The digest footer's personal links, as the composer writes them (premailer keeps the
 # attribute order and quoting). A separator after the preferences link goes with it.
-_PREFERENCES_LINK = re.compile(
-    r"<a\b[^>]*\bhref=\"" + re.escape(placeholders.PREFERENCES_URL) + r"\"[^>]*>.*?</a>"
-    r"(?:[\s\u00a0]|&nbsp;)*(?:\u00b7|&middot;|&#183;)?(?:[\s\u00a0]|&nbsp;)*",
-    re.DOTALL,
-)
-_UNSUBSCRIBE_LINK = re.compile(
-    r"(<a\b[^>]*\bhref=\")" + re.escape(placeholders.UNSUBSCRIBE_URL) + r"(\"[^>]*>).*?(</a>)",
-    re.DOTALL,
-)
+def _preferences_link(markers: Markers) -> re.Pattern[str]:
+    return re.compile(
+        r"<a\b[^>]*\bhref=\"" + re.escape(markers.preferences_url) + r"\"[^>]*>.*?</a>"
+        r"(?:[\s\u00a0]|&nbsp;)*(?:\u00b7|&middot;|&#183;)?(?:[\s\u00a0]|&nbsp;)*",
+        re.DOTALL,
+    )
+
+
+def _unsubscribe_link(markers: Markers) -> re.Pattern[str]:
+    return re.compile(
+        r"(<a\b[^>]*\bhref=\")" + re.escape(markers.unsubscribe_url) + r"(\"[^>]*>).*?(</a>)",
+        re.DOTALL,
+    )
+
+
 _BODY_OPEN = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
 
 
-def public_html(html: str, *, subscribe_url: str, index_url: str, list_name: str) -> str:
+def public_html(
+    html: str, *, markers: Markers, subscribe_url: str, index_url: str, list_name: str
+) -> str:
     """An issue's stored html as anyone may see it: the greeting names nobody, the
     preferences link is gone, the unsubscribe link becomes a subscribe link, and a bar on top
     leads back to the list's archive."""
-    html = _PREFERENCES_LINK.sub("", html)
+    html = _preferences_link(markers).sub("", html)
     escaped_subscribe = _escape(subscribe_url)
-    html = _UNSUBSCRIBE_LINK.sub(
+    html = _unsubscribe_link(markers).sub(
         lambda m: f"{m.group(1)}{escaped_subscribe}{m.group(2)}Subscribe{m.group(3)}", html
     )
     html = fill_placeholders(
@@ -45,6 +54,7 @@ def public_html(html: str, *, subscribe_url: str, index_url: str, list_name: str
         unsubscribe_url=subscribe_url,
         preferences_url=subscribe_url,
         html=True,
+        markers=markers,
     )
     bar = (
         '<div style="font-family:system-ui,sans-serif;font-size:14px;padding:8px 16px;'

@@ -34,6 +34,7 @@ from newsletter.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.placeholders import Markers
 from newsletter.tokens import Purpose
 from newsletter.web import archive
 from newsletter.web.context import PAGE_HEADERS, WebContext, client_ip, sentence, web_context
@@ -561,6 +562,7 @@ def archive_issue(
             raise NotFound(f"{mlist.name} has no sent issue {issue_id}")
         html = archive.public_html(
             issue.html,
+            markers=Markers(issue.marker_key),
             subscribe_url=f"{ctx.runtime.settings.base_url}/subscribe/{slug}",
             index_url=f"/archive/{slug}",
             list_name=mlist.name,

@@ -28,10 +28,13 @@ from newsletter.dkim import DkimSigner, generate_private_key
 from newsletter.errors import InvalidInput
 from newsletter.message import CompiledMessage, HeaderValueError, IssueMessageSpec, Recipient
 from newsletter.models import Issue, MailingList, Subscriber
+from newsletter.placeholders import Markers
 from newsletter.runtime import Runtime
 from newsletter.transport import Outcome, session_of
 from tests.conftest import Received, SmtpServer, cli_env, run_cli
 from tests.integration.helpers import KEY, assert_well_formed, seed_world
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 ADMIN = "test-admin-token-headers"
 POSTAL = "World Desk, 1 Test Street, Testville"
@@ -311,6 +314,7 @@ def test_dkim_signatures_verify_after_the_smtp_server(
     # trailing blanks, tabs, runs of spaces.
     odd = CompiledMessage.compile(
         IssueMessageSpec(
+            markers=MARKERS,
             subject="Odd lines",
             from_address="World Desk <desk@example.org>",
             reply_to=None,
@@ -433,6 +437,7 @@ def test_header_checks_refuse_what_the_builder_would_emit_badly() -> None:
     with pytest.raises(HeaderValueError):
         CompiledMessage.compile(
             IssueMessageSpec(
+                markers=MARKERS,
                 subject="ok",
                 from_address="Desk <desk@example.org>\r\nBcc: x@example.net",
                 reply_to=None,

@@ -9,7 +9,6 @@ from pathlib import Path
 import jinja2
 import pytest
 
-from newsletter import placeholders
 from newsletter.compose import (
     DigestArticle,
     DigestContext,
@@ -20,6 +19,9 @@ from newsletter.compose import (
     render_confirmation,
     render_issue,
 )
+from newsletter.placeholders import Markers
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 ISSUE_DATE = datetime.date(2026, 11, 28)
@@ -48,6 +50,7 @@ def context(
     postal_address: str = "Example News Ltd\n1 Harbour Street\nPortsmouth PO1 1AA",
 ) -> DigestContext:
     return DigestContext(
+        markers=MARKERS,
         list_name=list_name,
         list_slug="world",
         issue_date=ISSUE_DATE,
@@ -140,37 +143,65 @@ def test_footer_explains_and_offers_preferences_and_unsubscribe(env: jinja2.Envi
     assert "Portsmouth PO1 1AA" in issue.html
     assert "Example News Ltd\n1 Harbour Street\nPortsmouth PO1 1AA\n" in issue.text
     assert re.search(
-        rf'<a [^>]*href="{placeholders.PREFERENCES_URL}"[^>]*>Manage preferences</a>', issue.html
+        rf'<a [^>]*href="{MARKERS.preferences_url}"[^>]*>Manage preferences</a>', issue.html
     )
-    assert re.search(
-        rf'<a [^>]*href="{placeholders.UNSUBSCRIBE_URL}"[^>]*>Unsubscribe</a>', issue.html
-    )
-    assert f"Manage preferences: {placeholders.PREFERENCES_URL}\n" in issue.text
-    assert f"Unsubscribe: {placeholders.UNSUBSCRIBE_URL}\n" in issue.text
+    assert re.search(rf'<a [^>]*href="{MARKERS.unsubscribe_url}"[^>]*>Unsubscribe</a>', issue.html)
+    assert f"Manage preferences: {MARKERS.preferences_url}\n" in issue.text
+    assert f"Unsubscribe: {MARKERS.unsubscribe_url}\n" in issue.text
 
 
 def test_placeholders_survive_premailer_byte_for_byte(env: jinja2.Environment) -> None:
     issue = render(env, [article()])
 
-    for marker in placeholders.ALL:
+    for marker in MARKERS.all:
         assert marker in issue.html
         assert marker in issue.text
-    assert f"Hello {placeholders.NAME}," in issue.html
-    assert f"Hello {placeholders.NAME}," in issue.text
+    assert f"Hello {MARKERS.name}," in issue.html
+    assert f"Hello {MARKERS.name}," in issue.text
 
 
-def test_articles_cannot_smuggle_placeholders(env: jinja2.Environment) -> None:
+def test_content_spelling_a_marker_of_another_issue_stays_text(env: jinja2.Environment) -> None:
+    other = Markers("fedcba9876543210fedc")
     sneaky = article(
-        f"Win {placeholders.UNSUBSCRIBE_URL}",
-        summary=f"Hi XXNL{placeholders.NAME}NAMEXX there",
-        url=f"https://evil.example/collect?u={placeholders.UNSUBSCRIBE_URL}",
+        f"Win {other.unsubscribe_url} XXNLUNSUBXX",
+        section="xxnlunsubxx",
+        summary=f"Hi XXNL{other.name}NAMEXX there",
+        url=f"https://evil.example/collect?u={other.unsubscribe_url}",
     )
     issue = render(env, [sneaky])
 
-    assert issue.html.count(placeholders.UNSUBSCRIBE_URL) == 1  # the footer link only
-    assert issue.text.count(placeholders.UNSUBSCRIBE_URL) == 1
-    assert issue.html.count(placeholders.NAME) == 1  # the greeting only
-    assert "evil.example" not in issue.html
+    assert issue.html.count(MARKERS.unsubscribe_url) == 1  # the footer link only
+    assert issue.text.count(MARKERS.unsubscribe_url) == 1
+    assert issue.html.count(MARKERS.name) == 1  # the greeting only
+    assert issue.text.count(MARKERS.name) == 1
+
+
+@pytest.mark.parametrize(
+    "field", ["section", "title", "summary", "url", "list_name", "postal_address"]
+)
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        MARKERS.unsubscribe_url,
+        MARKERS.key.upper(),
+        "".join(f"%{ord(c):02X}" for c in MARKERS.key),
+        "".join(f"&#{ord(c)};" for c in MARKERS.key),
+        " ".join(MARKERS.key),
+    ],
+)
+def test_content_holding_the_issues_own_key_is_refused(
+    env: jinja2.Environment, field: str, spelling: str
+) -> None:
+    values = {"section": "World", "title": "Talks", "summary": "Text.", "url": None}
+    kwargs: dict[str, str] = {}
+    if field in values:
+        values[field] = f"https://evil.example/c?u={spelling}" if field == "url" else spelling
+    else:
+        kwargs[field] = f"News {spelling}"
+    sneaky = DigestArticle(**values)  # type: ignore[arg-type]
+
+    with pytest.raises(ValueError, match="marker key"):
+        render(env, [sneaky], **kwargs)
 
 
 def test_css_is_inlined_and_media_query_kept_in_a_style_block(env: jinja2.Environment) -> None:
@@ -224,7 +255,7 @@ def test_issue_without_articles_still_renders(env: jinja2.Environment) -> None:
 
     assert "There are no new articles in this issue." in issue.html
     assert "There are no new articles in this issue." in issue.text
-    assert placeholders.UNSUBSCRIBE_URL in issue.html
+    assert MARKERS.unsubscribe_url in issue.html
 
 
 def test_default_subject_names_list_date_and_lead_story() -> None:

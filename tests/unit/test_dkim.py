@@ -21,7 +21,6 @@ import pytest
 from dkim.canonicalization import Relaxed
 from typer.testing import CliRunner
 
-from newsletter import placeholders
 from newsletter.cli import app
 from newsletter.compose import make_environment, render_issue
 from newsletter.dkim import (
@@ -45,6 +44,9 @@ from newsletter.message import (
     format_date,
     make_message_id,
 )
+from newsletter.placeholders import Markers
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "example.org"
@@ -82,6 +84,7 @@ def digest_spec(**changes: object) -> IssueMessageSpec:
         "html": rendered.html,
         "text": rendered.text,
         "message_id_domain": DOMAIN,
+        "markers": MARKERS,
     }
     values.update(changes)
     return IssueMessageSpec(**values)  # type: ignore[arg-type]
@@ -102,6 +105,7 @@ def _context():  # type: ignore[no-untyped-def]
         for i in range(6)
     ]
     return DigestContext(
+        markers=MARKERS,
         list_name="World Digest",
         list_slug="world",
         issue_date=datetime.date(2026, 11, 28),
@@ -363,7 +367,7 @@ def test_placeholders_are_unaffected_by_signing() -> None:
     data = CompiledMessage.compile(digest_spec(), dkim=signer_for("ed25519")).build(
         recipient(9, "Ada"), date=format_date()
     )
-    for marker in placeholders.ALL:
+    for marker in MARKERS.all:
         assert marker.encode() not in data
 
 

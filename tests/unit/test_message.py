@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from newsletter import placeholders
 from newsletter.compose import DigestArticle, DigestContext, make_environment, render_issue
 from newsletter.message import (
     MAX_NAME_CHARS,
@@ -28,6 +27,9 @@ from newsletter.message import (
     format_date,
     make_message_id,
 )
+from newsletter.placeholders import Markers
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
 DATE = "Sat, 28 Nov 2026 09:00:00 +0000"
@@ -36,17 +38,17 @@ PREFERENCES = "https://news.example.org/preferences/Ab1.cD2-eF3_gH4"
 MAILTO = "mailto:unsubscribe@example.org?subject=unsubscribe%20Ab1.cD2-eF3_gH4"
 
 TEXT = (
-    f"World Digest\n\nHello {placeholders.NAME},\n\nZürich votes — and “wins”.\n\n"
-    f"Manage preferences: {placeholders.PREFERENCES_URL}\n"
-    f"Unsubscribe: {placeholders.UNSUBSCRIBE_URL}\n"
+    f"World Digest\n\nHello {MARKERS.name},\n\nZürich votes — and “wins”.\n\n"
+    f"Manage preferences: {MARKERS.preferences_url}\n"
+    f"Unsubscribe: {MARKERS.unsubscribe_url}\n"
 )
 HTML = (
     '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>World</title>'
     "<style>@media (max-width: 620px) { .c { width: 100% !important } }</style></head>\n"
-    f'<body><p class="greeting">Hello {placeholders.NAME},</p>\n'
+    f'<body><p class="greeting">Hello {MARKERS.name},</p>\n'
     "<p>Zürich votes — and “wins”.</p>\n"
-    f'<p><a href="{placeholders.PREFERENCES_URL}">Manage preferences</a>\n'
-    f'<a href="{placeholders.UNSUBSCRIBE_URL}">Unsubscribe</a></p>\n</body></html>'
+    f'<p><a href="{MARKERS.preferences_url}">Manage preferences</a>\n'
+    f'<a href="{MARKERS.unsubscribe_url}">Unsubscribe</a></p>\n</body></html>'
 )
 
 
@@ -59,6 +61,7 @@ def spec(**changes: object) -> IssueMessageSpec:
         "html": HTML,
         "text": TEXT,
         "message_id_domain": "example.org",
+        "markers": MARKERS,
     }
     values.update(changes)
     return IssueMessageSpec(**values)  # type: ignore[arg-type]
@@ -191,6 +194,7 @@ def test_bodies_carry_the_substituted_values() -> None:
 
     expected_text = fill_placeholders(
         TEXT,
+        markers=MARKERS,
         name="Ada Lovelace",
         unsubscribe_url=UNSUBSCRIBE,
         preferences_url=PREFERENCES,
@@ -200,6 +204,7 @@ def test_bodies_carry_the_substituted_values() -> None:
     assert "Hello Ada Lovelace,\n" in expected_text
     expected_html = fill_placeholders(
         HTML,
+        markers=MARKERS,
         name="Ada Lovelace",
         unsubscribe_url=UNSUBSCRIBE,
         preferences_url=PREFERENCES,
@@ -223,10 +228,10 @@ def test_html_is_sent_as_7bit_ascii_with_character_references() -> None:
 def test_no_placeholder_reaches_the_reader() -> None:
     data = build()
 
-    for marker in placeholders.ALL:
+    for marker in MARKERS.all:
         assert marker.encode() not in data
     text, html = parts(parse(data))
-    for marker in placeholders.ALL:
+    for marker in MARKERS.all:
         assert marker not in text.get_content()
         assert marker not in html.get_content()
 
@@ -464,9 +469,7 @@ def test_compile_refuses_bad_issue_headers(field: str, value: str) -> None:
 
 def test_long_html_paragraph_is_wrapped_at_spaces() -> None:
     paragraph = "<p>" + "Zürich word " * 1500 + "</p>"
-    data = build(
-        spec(html=f"<html><body>{paragraph}\n<p>Hello {placeholders.NAME}</p></body></html>")
-    )
+    data = build(spec(html=f"<html><body>{paragraph}\n<p>Hello {MARKERS.name}</p></body></html>"))
 
     assert_wire_format(data)
     assert b"Content-Transfer-Encoding: 7bit" in data
@@ -488,7 +491,7 @@ def test_preformatted_text_is_never_rewrapped() -> None:
 
 
 def test_unbreakable_html_falls_back_to_quoted_printable() -> None:
-    cjk = "<p>" + "東京の天気は晴れです。" * 400 + f"</p><p>Hello {placeholders.NAME}</p>"
+    cjk = "<p>" + "東京の天気は晴れです。" * 400 + f"</p><p>Hello {MARKERS.name}</p>"
     compiled = CompiledMessage.compile(spec(html=cjk))
     data = compiled.build(recipient(name="李小龍"), date=DATE)
 
@@ -497,15 +500,15 @@ def test_unbreakable_html_falls_back_to_quoted_printable() -> None:
     for line in data.split(b"\r\n"):
         assert len(line) <= 78
     _, html = parts(parse(data))
-    assert html.get_content() == cjk.replace(placeholders.NAME, "李小龍")
+    assert html.get_content() == cjk.replace(MARKERS.name, "李小龍")
 
 
 def test_text_part_round_trips_exactly_with_long_and_odd_lines() -> None:
     text = (
-        f"{placeholders.NAME}{placeholders.NAME}\n"
+        f"{MARKERS.name}{MARKERS.name}\n"
         + "trailing spaces   \n"
         + "x" * 2000
-        + f"\n.leading dot and = sign {placeholders.UNSUBSCRIBE_URL}"
+        + f"\n.leading dot and = sign {MARKERS.unsubscribe_url}"
     )
     data = build(spec(text=text), name="Ada " * 40)
 
@@ -515,7 +518,7 @@ def test_text_part_round_trips_exactly_with_long_and_odd_lines() -> None:
     plain, _ = parts(parse(data))
     name = ("Ada " * 40).strip()
     assert plain.get_content().replace("\r\n", "\n") == (
-        text.replace(placeholders.NAME, name).replace(placeholders.UNSUBSCRIBE_URL, UNSUBSCRIBE)
+        text.replace(MARKERS.name, name).replace(MARKERS.unsubscribe_url, UNSUBSCRIBE)
     )
 
 
@@ -535,7 +538,7 @@ def test_quoted_printable_values_of_any_length_round_trip(length: int) -> None:
 
 
 def test_lines_starting_with_from_are_protected_in_the_text_part() -> None:
-    data = build(spec(text=f"Hello {placeholders.NAME},\nFrom Monday, trains run again.\n"))
+    data = build(spec(text=f"Hello {MARKERS.name},\nFrom Monday, trains run again.\n"))
 
     assert b"\r\nFrom " not in data.split(b"\r\n\r\n", 1)[1]
     plain, _ = parts(parse(data))
@@ -555,6 +558,7 @@ def test_real_digest_builds_cleanly() -> None:
     ]
     issue = render_issue(
         DigestContext(
+            markers=MARKERS,
             list_name="World Digest",
             list_slug="world",
             issue_date=datetime.date(2026, 11, 28),

@@ -11,14 +11,16 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from newsletter import placeholders
 from newsletter.compose import make_environment
 from newsletter.config import REPO_TEMPLATES, Settings
+from newsletter.placeholders import Markers
 from newsletter.runtime import Runtime
 from newsletter.web.app import create_app
 from newsletter.web.archive import public_html
 from newsletter.web.limits import MemoryLimiter
 from newsletter.web.optin import build_confirmation
+
+MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
 CONFIRM_URL = "https://news.example.org/confirm/abc.def-ghi"
 
@@ -53,14 +55,15 @@ def test_the_confirmation_email_is_well_formed_and_carries_the_link() -> None:
 
 def test_the_archive_html_keeps_nobodys_links() -> None:
     stored = (
-        '<html><body class="b"><p>Hello XXNLNAMEXX,</p><p class="f">'
-        f'<a class="l" href="{placeholders.PREFERENCES_URL}" style="x">Manage preferences</a>\n'
+        f'<html><body class="b"><p>Hello {MARKERS.name},</p><p class="f">'
+        f'<a class="l" href="{MARKERS.preferences_url}" style="x">Manage preferences</a>\n'
         " \u00b7 \n"
-        f'<a class="l" href="{placeholders.UNSUBSCRIBE_URL}" style="x">Unsubscribe</a>'
-        f"</p><p>{placeholders.UNSUBSCRIBE_URL}</p></body></html>"
+        f'<a class="l" href="{MARKERS.unsubscribe_url}" style="x">Unsubscribe</a>'
+        f"</p><p>{MARKERS.unsubscribe_url}</p></body></html>"
     )
     shown = public_html(
         stored,
+        markers=MARKERS,
         subscribe_url="https://news.example.org/subscribe/world",
         index_url="/archive/world",
         list_name="<World>",
