@@ -9,8 +9,6 @@ event loop and do their database work in the thread pool.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Request, Response
@@ -38,6 +36,7 @@ from newsletter.placeholders import Markers
 from newsletter.tokens import Purpose
 from newsletter.web import archive
 from newsletter.web.context import PAGE_HEADERS, WebContext, client_ip, sentence, web_context
+from newsletter.web.forms import Form, form_problem
 from newsletter.web.ids import IssueId
 
 log = logging.getLogger(__name__)
@@ -48,20 +47,6 @@ MAX_FORM_BYTES = 64 * 1024
 HONEYPOT = "website"
 ONE_CLICK = "One-Click"
 FEED_ENTRIES = 20
-
-
-@dataclass(frozen=True)
-class Form:
-    """A submitted form as plain strings (repeated fields keep every value)."""
-
-    fields: Mapping[str, list[str]]
-
-    def get(self, name: str) -> str:
-        values = self.fields.get(name)
-        return values[-1] if values else ""
-
-    def all(self, name: str) -> list[str]:
-        return list(self.fields.get(name, []))
 
 
 async def read_form(request: Request) -> Form:
@@ -434,6 +419,9 @@ def _preferences(ctx: WebContext, signed: str, form: Form) -> HTMLResponse:
     with ctx.transaction() as s:
         sub = _by_token(s, ctx, Purpose.PREFERENCES, signed)
         available = subscriptions.list_sections(s, sub.list_id)
+        problem = form_problem(form, available)
+        if problem is not None:
+            return _preferences_view(s, ctx, signed, sub, error=problem, status=400)
         if form.get("sections_shown") and available:
             sections = _chosen_sections(form, available)
             if sections == []:
