@@ -30,6 +30,7 @@ from sqlalchemy import Table, and_, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from newsletter.addresses import address_key
 from newsletter.bounces import EventType, FeedbackEvent, Verp, parse, redact
 from newsletter.models import (
     BounceEvent,
@@ -191,7 +192,7 @@ def _find_target(session: Session, event: FeedbackEvent, signer: LinkSigner) -> 
             return _Target(None, None, None, None)  # only a genuine token unsubscribes
     if event.recipient:
         subscriber_id = session.scalar(
-            select(Subscriber.id).where(Subscriber.email == event.recipient)
+            select(Subscriber.id).where(Subscriber.email_key == address_key(event.recipient))
         )
         if subscriber_id is not None:
             return _Target(subscriber_id, _list_by_list_id(session, event.list_id), None, None)

@@ -23,7 +23,9 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import Enum as SAEnum
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+
+from newsletter.addresses import address_key
 
 # BIGINT on PostgreSQL; SQLite only auto-increments a column declared INTEGER PRIMARY KEY.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -106,11 +108,21 @@ class Subscriber(Base):
     __tablename__ = "subscribers"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    # Normalised: domain lower-cased and IDNA-encoded, local part kept as given. Unique.
-    email: Mapped[str] = mapped_column(_bytewise(320), unique=True)
+    # As the reader typed it (for display and the envelope), normalised: domain lower-cased
+    # and IDNA-encoded, local part kept as given.
+    email: Mapped[str] = mapped_column(_bytewise(320))
+    # The reader's identity, address_key(email): one reader per mailbox, whatever the case
+    # it was typed in. Set with the address (see _key); unique, so a lookup is one index
+    # probe (migration 0010, which merged the readers that were case variants).
+    email_key: Mapped[str] = mapped_column(_bytewise(320), unique=True)
     name: Mapped[str | None] = mapped_column(String(200))
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    @validates("email")
+    def _key(self, _field: str, value: str) -> str:
+        self.email_key = address_key(value)
+        return value
 
 
 class Subscription(Base):

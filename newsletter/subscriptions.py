@@ -27,7 +27,13 @@ from typing import IO, Any
 from sqlalchemy import DateTime, bindparam, func, select, text, union_all
 from sqlalchemy.orm import Session
 
-from newsletter.addresses import InvalidAddress, check_text, normalize_email, parse_from_address
+from newsletter.addresses import (
+    InvalidAddress,
+    address_key,
+    check_text,
+    normalize_email,
+    parse_from_address,
+)
 from newsletter.errors import Conflict, InvalidInput, NotFound
 from newsletter.models import (
     Article,
@@ -128,6 +134,12 @@ def list_counts(session: Session) -> list[tuple[MailingList, dict[str, int]]]:
 # --- single subscriber ---
 
 
+def find_subscriber(session: Session, email: str) -> Subscriber | None:
+    """The reader whose identity this (normalised) address is, whatever its case: one
+    probe of the unique index on email_key."""
+    return session.scalar(select(Subscriber).where(Subscriber.email_key == address_key(email)))
+
+
 def is_suppressed(session: Session, email: str, key: str) -> bool:
     h = suppression_hash(email, key)
     return session.scalar(select(Suppression.id).where(Suppression.email_hash == h)) is not None
@@ -154,7 +166,7 @@ def add_subscriber(
         name = check_text(name.strip(), "name") or None
     if is_suppressed(session, address, suppression_key):
         raise Conflict(f"{address} was erased or suppressed and cannot be added again")
-    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    subscriber = find_subscriber(session, address)
     if subscriber is None:
         subscriber = Subscriber(email=address, name=name)
         session.add(subscriber)
@@ -212,7 +224,7 @@ def find_subscription(session: Session, email: str, list_slug: str) -> Subscript
     sub = session.scalar(
         select(Subscription)
         .join(Subscriber, Subscriber.id == Subscription.subscriber_id)
-        .where(Subscriber.email == address, Subscription.list_id == mlist.id)
+        .where(Subscriber.email_key == address_key(address), Subscription.list_id == mlist.id)
     )
     if sub is None:
         raise NotFound(f"{address} is not on list {list_slug!r}")
@@ -258,7 +270,7 @@ def unsubscribe(session: Session, email: str, list_slug: str, *, source: str) ->
 def erase_subscriber(session: Session, email: str, *, suppression_key: str, source: str) -> int:
     """Remove every personal datum of an address; keep a keyed hash so it stays out."""
     address = normalize_email(email)
-    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    subscriber = find_subscriber(session, address)
     if subscriber is None:
         raise NotFound(f"{address} is not a subscriber")
     h = suppression_hash(address, suppression_key)
@@ -284,11 +296,15 @@ class ImportReport:
     updated: int = 0  # readers already on the list whose name changed or who were confirmed
     unchanged: int = 0
     rejected: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
+    # Rows whose address an earlier row of the file had in another capitalisation: the
+    # same reader (address_key), so the earlier row stands for both.
+    folded: int = 0
 
     def summary(self) -> str:
+        folded = f"folded {self.folded}, " if self.folded else ""
         return (
             f"imported {self.imported}, updated {self.updated}, unchanged {self.unchanged}, "
-            f"rejected {len(self.rejected)}"
+            f"{folded}rejected {len(self.rejected)}"
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -296,6 +312,7 @@ class ImportReport:
             "imported": self.imported,
             "updated": self.updated,
             "unchanged": self.unchanged,
+            "folded": self.folded,
             "rejected": [{"line": line, "reason": reason} for line, reason in self.rejected],
         }
 
@@ -684,10 +701,14 @@ def _copy_texts(
             yield text
 
 
-# The addresses that occur more than once in the file, with the line of their first row.
+# The identities that occur more than once in the file, with the line of their first row.
 _REPEATED = (
-    "SELECT email, MIN(line) AS first_line FROM nl_import GROUP BY email HAVING COUNT(*) > 1"
+    "SELECT email_key, MIN(line) AS first_line FROM nl_import "
+    "GROUP BY email_key HAVING COUNT(*) > 1"
 )
+# The file's table: each row's identity is address_key(email), which for the ASCII addresses
+# normalize_email lets through is SQL's lower() on both databases.
+_IMPORT_KEY = "email_key TEXT GENERATED ALWAYS AS (lower(email)) STORED"
 
 
 ANALYZE_AFTER = 10_000  # rows imported at once
@@ -752,7 +773,7 @@ def _bulk_import(
         sql(
             "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
             "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL, "
-            f"new_id BIGINT NOT NULL DEFAULT nextval({quoted}))"
+            f"new_id BIGINT NOT NULL DEFAULT nextval({quoted}), {_IMPORT_KEY})"
         )
         raw: Any = conn.connection.driver_connection
         with (
@@ -768,12 +789,14 @@ def _bulk_import(
     else:
         sql(
             "CREATE TEMPORARY TABLE nl_import (line INTEGER NOT NULL, email TEXT NOT NULL, "
-            "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL)"
+            "name TEXT, attributes TEXT, token TEXT NOT NULL, email_hash TEXT NOT NULL, "
+            f"{_IMPORT_KEY})"
         )
         email_hash = _suppression_hasher(suppression_key)
         for chunk in rows.chunks():
             conn.exec_driver_sql(
-                "INSERT INTO nl_import VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO nl_import (line, email, name, attributes, token, email_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
                 [
                     (*row, token, email_hash(row[1]))
                     for row, token in zip(chunk, tokens.take(len(chunk)), strict=True)
@@ -782,30 +805,36 @@ def _bulk_import(
     rejected = report.rejected
     rejected.extend(rows.rejected)
 
-    # A repeated address: the first row counts, the others are rejected.
-    if pg:
-        duplicates = sql(
-            f"DELETE FROM nl_import d USING ({_REPEATED}) f "  # noqa: S608
-            "WHERE d.email = f.email AND d.line > f.first_line "
-            "RETURNING d.line, f.first_line, d.email"
-        ).all()
-    else:
-        repeats = (
-            f"SELECT d.line, f.first_line, d.email FROM nl_import d JOIN ({_REPEATED}) f "  # noqa: S608
-            "ON d.email = f.email WHERE d.line > f.first_line"
-        )
-        duplicates = sql(repeats).all()
-        if duplicates:
-            sql(f"DELETE FROM nl_import WHERE line IN (SELECT line FROM ({repeats}) r)")  # noqa: S608
-    rejected.extend(
-        (line, f"duplicate of line {first} ({email})") for line, first, email in duplicates
-    )
-
+    # Erased or suppressed: every row of such an address says so, whatever its case.
     suppressed = sql(
         "DELETE FROM nl_import WHERE email_hash IN (SELECT email_hash FROM suppressions) "
         "RETURNING line"
     ).all()
     rejected.extend((line, "address was erased or suppressed") for (line,) in suppressed)
+
+    # A repeated reader: the first row counts. A row repeating an earlier one exactly is
+    # rejected; one in another capitalisation is the same reader, folded into it.
+    if pg:
+        duplicates = sql(
+            f"DELETE FROM nl_import d USING ({_REPEATED}) f, nl_import o "  # noqa: S608
+            "WHERE d.email_key = f.email_key AND d.line > f.first_line AND o.line = f.first_line "
+            "RETURNING d.line, f.first_line, d.email, o.email"
+        ).all()
+    else:
+        repeats = (
+            f"SELECT d.line, f.first_line, d.email, o.email FROM nl_import d JOIN ({_REPEATED}) f "  # noqa: S608
+            "ON d.email_key = f.email_key JOIN nl_import o ON o.line = f.first_line "
+            "WHERE d.line > f.first_line"
+        )
+        duplicates = sql(repeats).all()
+        if duplicates:
+            sql(f"DELETE FROM nl_import WHERE line IN (SELECT line FROM ({repeats}) r)")  # noqa: S608
+    rejected.extend(
+        (line, f"duplicate of line {first} ({email})")
+        for line, first, email, first_email in duplicates
+        if email == first_email
+    )
+    report.folded += sum(1 for _l, _f, email, first_email in duplicates if email != first_email)
 
     # Who is a subscriber already, and their subscription to this list if any.
     sql(
@@ -816,7 +845,7 @@ def _bulk_import(
     sql(
         "INSERT INTO nl_known SELECT i.line, i.name, i.token, s.id, "
         "CASE WHEN i.name IS NOT NULL AND (s.name IS NULL OR s.name <> i.name) THEN 1 ELSE 0 END,"
-        " sub.id, sub.status FROM nl_import i JOIN subscribers s ON s.email = i.email "
+        " sub.id, sub.status FROM nl_import i JOIN subscribers s ON s.email_key = i.email_key "
         "LEFT JOIN subscriptions sub ON sub.subscriber_id = s.id AND sub.list_id = :list",
         list=list_id,
     )
@@ -861,20 +890,21 @@ def _bulk_import(
     new_people = "WHERE NOT EXISTS (SELECT 1 FROM nl_known k WHERE k.line = i.line)"
     if pg:  # the ids were drawn from the subscribers' sequence while loading
         sql(
-            "INSERT INTO subscribers (id, email, name, attributes, created_at) "  # noqa: S608
-            "SELECT i.new_id, i.email, i.name, CAST(i.attributes AS JSON), :now "
+            "INSERT INTO subscribers (id, email, email_key, name, attributes, created_at) "  # noqa: S608
+            "SELECT i.new_id, i.email, i.email_key, i.name, CAST(i.attributes AS JSON), :now "
             f"FROM nl_import i {new_people}",
             now=now,
         )
         person, new_rows = "i.new_id", f"nl_import i {new_people}"
     else:
         sql(
-            "INSERT INTO subscribers (email, name, attributes, created_at) "  # noqa: S608
-            f"SELECT i.email, i.name, i.attributes, :now FROM nl_import i {new_people}",
+            "INSERT INTO subscribers (email, email_key, name, attributes, created_at) "  # noqa: S608
+            "SELECT i.email, i.email_key, i.name, i.attributes, :now "
+            f"FROM nl_import i {new_people}",
             now=now,
         )
         person = "s.id"
-        new_rows = f"nl_import i JOIN subscribers s ON s.email = i.email {new_people}"
+        new_rows = f"nl_import i JOIN subscribers s ON s.email_key = i.email_key {new_people}"
     # One `imported` event for the whole import, which each subscription it adds names
     # (migration 0009): a row per reader was a million identical rows. Its detail gets the
     # count once it is known; an import that adds nobody leaves no event.
@@ -1157,7 +1187,7 @@ def request_subscription(
         check_text(section, "section")
     if is_suppressed(session, address, suppression_key):
         return None
-    subscriber = session.scalar(select(Subscriber).where(Subscriber.email == address))
+    subscriber = find_subscriber(session, address)
     if subscriber is None:
         subscriber = Subscriber(email=address, name=name)
         session.add(subscriber)

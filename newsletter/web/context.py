@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
+from newsletter.addresses import address_key
 from newsletter.runtime import Runtime
 from newsletter.tokens import Purpose
 from newsletter.web.dispatch import Dispatcher
@@ -76,9 +77,10 @@ class WebContext:
         return f"/{purpose.value}/{self.runtime.links.signer.sign(purpose, token)}"
 
     def address_key(self, address: str) -> str:
-        """A keyed hash of an address, for rate-limit keys (no address leaves the database)."""
+        """A keyed hash of an address's identity (addresses.address_key: every capitalisation
+        is one reader), for rate-limit keys (no address leaves the database)."""
         key = self.runtime.suppression_key.encode()
-        return hmac.new(key, address.lower().encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.new(key, address_key(address).encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def web_context(request: Request) -> WebContext:
