@@ -1,7 +1,7 @@
 """One reader per mailbox: how case variants of one address merge into one reader (pure).
 
 Before addresses were compared by their identity (newsletter.addresses.address_key), `Dup@`,
-`dup@` and `DUP@` could be three subscribers, each on its lists. Migration 0010 finds such
+`dup@` and `DUP@` could be three subscribers, each on its lists. Migration 0011 finds such
 groups and merges each into one reader with `plan_merge`; the migration does the writes.
 
 The rules, per group:

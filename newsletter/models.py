@@ -113,7 +113,7 @@ class Subscriber(Base):
     email: Mapped[str] = mapped_column(_bytewise(320))
     # The reader's identity, address_key(email): one reader per mailbox, whatever the case
     # it was typed in. Set with the address (see _key); unique, so a lookup is one index
-    # probe (migration 0010, which merged the readers that were case variants).
+    # probe (migration 0011, which merged the readers that were case variants).
     email_key: Mapped[str] = mapped_column(_bytewise(320), unique=True)
     name: Mapped[str | None] = mapped_column(String(200))
     attributes: Mapped[dict[str, Any] | None] = mapped_column(JSON)

@@ -1,4 +1,4 @@
-"""Migration 0010 on both databases: readers that were case variants of one address become
+"""Migration 0011 on both databases: readers that were case variants of one address become
 one reader per list, nothing about them is lost, and the log names ids, never addresses."""
 
 from __future__ import annotations

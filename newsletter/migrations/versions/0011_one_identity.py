@@ -1,7 +1,7 @@
 """one identity per mailbox: subscribers.email_key, and case variants merged into one reader
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-05 16:40:00
 
 Addresses compare case-insensitively (newsletter.addresses.address_key): `Dup@example.org`,
@@ -33,8 +33,8 @@ from alembic import op
 
 from newsletter.identity import Reader, Sub, describe, plan_merge
 
-revision: str = "0010"
-down_revision: str | None = "0009"
+revision: str = "0011"
+down_revision: str | None = "0010"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -214,9 +214,9 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE subscribers ADD COLUMN email_key {key_type}")
     merged = merge_case_variants(conn)
     for line in merged:
-        log.warning("migration 0010: %s", line)
+        log.warning("migration 0011: %s", line)
     if merged:
-        log.warning("migration 0010: %d group(s) of case variants merged", len(merged))
+        log.warning("migration 0011: %d group(s) of case variants merged", len(merged))
     op.execute("UPDATE subscribers SET email_key = lower(email)")
     if sqlite:
         op.execute("CREATE UNIQUE INDEX uq_subscribers_email_key ON subscribers (email_key)")
