@@ -123,8 +123,9 @@ def seed_subscribers(
             first = conn.execute(text("SELECT coalesce(max(id), 0) FROM subscribers")).scalar_one()
             conn.execute(
                 text(
-                    "INSERT INTO subscribers (email, name, created_at) "
-                    "SELECT 'reader' || i || '@example.org', 'Reader ' || i, "
+                    "INSERT INTO subscribers (email, email_key, name, created_at) "
+                    "SELECT 'reader' || i || '@example.org', 'reader' || i || '@example.org', "
+                    "       'Reader ' || i, "
                     "       now() - make_interval(secs => :n - i) "
                     "FROM generate_series(1, :n) AS i ORDER BY i"
                 ),

@@ -182,8 +182,9 @@ def seed_readers(engine: Engine, list_id: int, n: int) -> dict[str, int]:
     with engine.begin() as conn:
         conn.execute(
             text(
-                "INSERT INTO subscribers (email, name, created_at) "
-                "SELECT 'reader' || g || '@example.org', 'Reader ' || g, now() "
+                "INSERT INTO subscribers (email, email_key, name, created_at) "
+                "SELECT 'reader' || g || '@example.org', 'reader' || g || '@example.org', "
+                "'Reader ' || g, now() "
                 "FROM generate_series(1, :total) AS g"
             ),
             {"total": total},
