@@ -20,8 +20,9 @@ from urllib.parse import urlsplit
 
 from sqlalchemy.orm import Session
 
-from newsletter import placeholders
+from newsletter import placeholders, production
 from newsletter.dkim import REQUIRED_SIGNED, DkimSigner
+from newsletter.errors import Conflict
 from newsletter.message import format_date
 
 HTML_LIMIT: Final = 100 * 1024
@@ -94,9 +95,11 @@ def check_issue(
     *,
     signer: DkimSigner | None,
     postal_address: str | None,
+    in_production: bool = False,
 ) -> CheckReport:
     """Build the issue's message for its first active reader (or a stand-in) exactly as a
-    delivery would, signed when DKIM is configured, and check it."""
+    delivery would, signed when DKIM is configured, and check it (the production gate's
+    problems are errors when `in_production`, warnings otherwise)."""
     from newsletter.delivery import build_for, prepare_issue
     from newsletter.issues import get_issue, sample_reader
     from newsletter.models import MailingList
@@ -117,7 +120,9 @@ def check_issue(
         token=reader.token,
         date=format_date(),
     )
-    problems = check_message(data, signer=signer, postal_address=postal_address)
+    problems = check_message(
+        data, signer=signer, postal_address=postal_address, in_production=in_production
+    )
     html = _html_of(data)
     return CheckReport(
         issue_id=issue_id,
@@ -135,14 +140,18 @@ def check_message(
     signer: DkimSigner | None = None,
     postal_address: str | None = None,
     html_limit: int = HTML_LIMIT,
+    in_production: bool = False,
 ) -> list[Problem]:
-    """Every problem of one built message (RFC 5322 bytes)."""
+    """Every problem of one built message (RFC 5322 bytes). The production gate's problems
+    (no DKIM, http or localhost links, the placeholder postal address) are errors when
+    `in_production` and warnings otherwise."""
+    gate = "error" if in_production else "warning"
     problems: list[Problem] = []
     problems += _raw_problems(data)
     msg = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(msg, EmailMessage)
     problems += _header_problems(msg)
-    problems += _dkim_problems(data, msg, signer)
+    problems += _dkim_problems(data, msg, signer, gate)
     html, text = "", ""
     for part in msg.walk():
         for defect in part.defects:
@@ -161,6 +170,18 @@ def check_message(
         problems.append(Problem("placeholder", f"unsubstituted placeholder {marker!r}"))
     if postal_address:
         problems += _postal_problems(postal_address, text, html)
+    if production.carries_placeholder_postal_address(
+        text
+    ) or production.carries_placeholder_postal_address(_visible(html)):
+        problems.append(
+            Problem(
+                "postal-address",
+                "the footer carries the placeholder postal address: set "
+                "NEWSLETTER_POSTAL_ADDRESS and compose the issue again",
+                gate,
+            )
+        )
+    problems += _gate_link_problems(msg, text, html, gate)
     unsubscribe = _unsubscribe_https(msg)
     if (
         unsubscribe
@@ -259,7 +280,9 @@ def _header_problems(msg: EmailMessage) -> list[Problem]:
     return problems
 
 
-def _dkim_problems(data: bytes, msg: EmailMessage, signer: DkimSigner | None) -> list[Problem]:
+def _dkim_problems(
+    data: bytes, msg: EmailMessage, signer: DkimSigner | None, missing_severity: str = "warning"
+) -> list[Problem]:
     signatures = msg.get_all("DKIM-Signature") or []
     if signer is None:
         if not signatures:
@@ -268,7 +291,7 @@ def _dkim_problems(data: bytes, msg: EmailMessage, signer: DkimSigner | None) ->
                     "dkim",
                     "not DKIM-signed: set NEWSLETTER_DKIM_DOMAIN, _SELECTOR and _KEY_FILE "
                     "(Gmail and Yahoo require DKIM for bulk mail)",
-                    "warning",
+                    missing_severity,
                 )
             ]
         return []
@@ -431,7 +454,7 @@ def _is_ip(host: str) -> bool:
 def _postal_problems(postal_address: str, text: str, html: str) -> list[Problem]:
     lines = [" ".join(line.split()) for line in postal_address.splitlines() if line.strip()]
     flat_text = " ".join(text.split())
-    flat_html = " ".join(html_lib.unescape(re.sub(r"<[^>]+>", " ", html)).split())
+    flat_html = " ".join(_visible(html).split())
     problems = []
     for where, body in (("text", flat_text), ("HTML", flat_html)):
         if lines and not all(line in body for line in lines):
@@ -439,6 +462,40 @@ def _postal_problems(postal_address: str, text: str, html: str) -> list[Problem]
                 Problem("postal-address", f"the postal address is not in the {where} footer")
             )
     return problems
+
+
+_URL_IN_TEXT: Final = re.compile(r"https?://[^\s<>\"')\]]+", re.IGNORECASE)
+
+
+def _gate_link_problems(msg: EmailMessage, text: str, html: str, severity: str) -> list[Problem]:
+    """Links a reader cannot safely follow (production.url_problem): http, or to localhost.
+    One problem per kind, with how many and the first, from both parts and the headers."""
+    audit = _HtmlAudit()
+    audit.feed(html)
+    audit.close()
+    urls = [*audit.links, *(str(i.get("src") or "") for i in audit.images)]
+    urls += _URL_IN_TEXT.findall(text)
+    urls += re.findall(r"<(https?://[^>]+)>", str(msg.get("List-Unsubscribe") or ""))
+    found: dict[str, list[str]] = {}
+    for url in dict.fromkeys(urls):
+        for reason in production.url_problems(url):
+            found.setdefault(reason, []).append(url)
+    problems = []
+    for reason, code in (("on localhost", "local-link"), ("not https", "insecure-link")):
+        if reason in found:
+            first, n = found[reason][0], len(found[reason])
+            problems.append(
+                Problem(
+                    code,
+                    f"{n} link(s) {reason} (readers cannot use them), e.g. {first[:120]}",
+                    severity,
+                )
+            )
+    return problems
+
+
+def _visible(html: str) -> str:
+    return html_lib.unescape(re.sub(r"<[^>]+>", " ", html))
 
 
 def _from_domain(msg: EmailMessage) -> str:
@@ -457,3 +514,49 @@ def _html_of(data: bytes) -> str:
     assert isinstance(msg, EmailMessage)
     body = msg.get_body(("html",))
     return str(body.get_content()) if body is not None else ""
+
+
+# --- the send gate -------------------------------------------------------------------------------
+
+
+class SendRefused(Conflict):
+    """A send in production that `issues check` finds errors in (409); nothing was changed."""
+
+    def __init__(self, issue_id: int, problems: list[Problem]) -> None:
+        self.issue_id = issue_id
+        self.problems = problems
+        listed = "; ".join(f"{p.code}: {p.message}" for p in problems)
+        super().__init__(
+            f"issue {issue_id} cannot be sent in production: {listed} "
+            f"(see: newsletter issues check {issue_id})"
+        )
+
+    @property
+    def details(self) -> dict[str, Any]:
+        """What the API adds to its {"error": ...} answer."""
+        return {
+            "problems": [
+                {"severity": p.severity, "code": p.code, "message": p.message}
+                for p in self.problems
+            ],
+        }
+
+
+def refuse_unsafe_send(
+    session: Session,
+    issue_id: int,
+    links: Any,
+    *,
+    signer: DkimSigner | None,
+    postal_address: str | None,
+    in_production: bool,
+) -> None:
+    """In production, raise SendRefused while `issues check` reports an error for the issue
+    (what `issues check` prints, it prints for the same reasons). Elsewhere, nothing."""
+    if not in_production:
+        return
+    report = check_issue(
+        session, issue_id, links, signer=signer, postal_address=postal_address, in_production=True
+    )
+    if report.errors:
+        raise SendRefused(issue_id, report.errors)

@@ -437,6 +437,7 @@ def issues_send(
         _send_test(issue_id, test_to)
         return
     with transaction() as s:
+        r.refuse_unsafe_send(s, issue_id)  # the production gate
         batch_ids = issues.begin_send(
             s,
             r.templates,
@@ -575,6 +576,7 @@ def issues_resume(issue_id: int) -> None:
     """Continue a paused issue, or re-enqueue the lost work of a sending one."""
     r = rt()
     with transaction() as s:
+        r.refuse_unsafe_send(s, issue_id)  # the production gate
         batch_ids = delivery.resume_issue(s, issue_id)
         if r.settings.broker_url:
             delivery.mark_enqueued(s, batch_ids)
@@ -600,7 +602,9 @@ def issues_cancel(issue_id: int) -> None:
 
 @issues_app.command("check")
 def issues_check(issue_id: int, as_json: JsonOpt = False) -> None:
-    """Build the issue for a sample reader and report every problem; exits 1 if any."""
+    """Build the issue for a sample reader and report every problem; exits 1 if any error.
+    In production (ENV=prod...) no DKIM, http or localhost links and the placeholder postal
+    address are errors, and a send refuses to start while any error stands."""
     from newsletter import checks, dkim
 
     r = rt()
@@ -608,7 +612,12 @@ def issues_check(issue_id: int, as_json: JsonOpt = False) -> None:
     signer = dkim.signer_from_settings(st.dkim_domain, st.dkim_selector, st.dkim_key_file)
     with transaction() as s:
         report = checks.check_issue(
-            s, issue_id, r.links, signer=signer, postal_address=st.postal_address
+            s,
+            issue_id,
+            r.links,
+            signer=signer,
+            postal_address=st.postal_address,
+            in_production=st.production,
         )
     if as_json:
         out(report.as_dict())

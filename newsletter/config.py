@@ -15,9 +15,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from newsletter import production as gate
+from newsletter.production import DEV_SECRET_KEY, PLACEHOLDER_POSTAL_ADDRESS
+
 log = logging.getLogger(__name__)
 
-DEV_SECRET_KEY = "dev-insecure-secret-key-change-me"  # noqa: S105 - the documented dev default
+__all__ = ["DEV_SECRET_KEY", "ConfigError", "Settings", "SmtpConfig", "get_settings"]
 REPO_TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 VISIBILITY_MARGIN = 60  # seconds between the longest hold of a batch and the visibility timeout
 
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
     soft_bounce_limit: int = Field(default=5, ge=1)
     complaint_pause_rate: float = Field(default=0.003, ge=0, le=1)
     complaint_pause_min: int = Field(default=1, ge=1)
-    postal_address: str = "Newsletter Desk, 1 Example Street, Example City"
+    postal_address: str = PLACEHOLDER_POSTAL_ADDRESS
     templates_dir: Path = REPO_TEMPLATES
 
     # Delivery timing. A claimed batch holds its rows for lease_seconds; a temporary SMTP
@@ -91,8 +94,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.env == "production" and self.secret_key.get_secret_value() == DEV_SECRET_KEY:
-            raise ValueError("NEWSLETTER_SECRET_KEY must be set when NEWSLETTER_ENV=production")
+        # The production gate (newsletter/production.py): no key at all is refused in every
+        # environment; in production also dev, known, empty or short keys, a BASE_URL that is
+        # not https or on localhost, and the placeholder postal address.
+        gate.check_settings(
+            env=self.env,
+            secret_key=self.secret_key.get_secret_value(),
+            base_url=self.base_url,
+            postal_address=self.postal_address,
+        )
         if self.retry_base_seconds > self.retry_max_seconds:
             raise ValueError(
                 f"NEWSLETTER_RETRY_BASE_SECONDS ({self.retry_base_seconds:g}s) must not exceed "
@@ -122,7 +132,13 @@ class Settings(BaseSettings):
 
     @property
     def using_dev_secret(self) -> bool:
-        return self.secret_key.get_secret_value() == DEV_SECRET_KEY
+        """Whether any key of SECRET_KEY is the development default (it verifies links)."""
+        return DEV_SECRET_KEY in self.secret_keys
+
+    @property
+    def production(self) -> bool:
+        """ENV starts with "prod" in any case: the production gate applies."""
+        return gate.is_production(self.env)
 
     def smtp(self) -> SmtpConfig | None:
         raw = self.smtp_url.get_secret_value()

@@ -90,6 +90,21 @@ class Runtime:
         """Compiled messages per issue and variant, signed and VERP-addressed as configured."""
         return IssueCache(dkim=self.dkim_signer, verp=self.verp)
 
+    def refuse_unsafe_send(self, session: Session, issue_id: int) -> None:
+        """The production gate before a send or resume starts: in production, raise
+        checks.SendRefused (a Conflict) while `issues check` reports an error."""
+        from newsletter import checks  # dkimpy and the HTML audit: only where needed
+
+        s = self.settings
+        checks.refuse_unsafe_send(
+            session,
+            issue_id,
+            self.links,
+            signer=self.dkim_signer,
+            postal_address=s.postal_address,
+            in_production=s.production,
+        )
+
     def throttle(self) -> Throttle | None:
         s = self.settings
         return make_throttle(s.rate_limit, s.domain_limits, broker_url=s.broker_url)

@@ -368,6 +368,7 @@ def send(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str,
     otherwise in this process). Follow it with GET /api/issues/{id}."""
     rt = ctx.runtime
     with ctx.transaction() as s:
+        rt.refuse_unsafe_send(s, issue_id)  # production: 409 with the problems
         batch_ids = issues.begin_send(
             s,
             rt.templates,
@@ -394,6 +395,7 @@ def pause(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str
 def resume(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Continue a paused issue, or re-enqueue the lost work of a sending one."""
     with ctx.transaction() as s:
+        ctx.runtime.refuse_unsafe_send(s, issue_id)  # production: 409 with the problems
         batch_ids = delivery.resume_issue(s, issue_id)
     if batch_ids:
         ctx.dispatcher.batches(issue_id, batch_ids)

@@ -141,6 +141,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         status = _status_of(exc)
         if not _is_api(request) and status == 422:
             status = 400
+        details = getattr(exc, "details", None)  # e.g. the problems of a refused send
+        if _is_api(request) and isinstance(details, dict):
+            return JSONResponse({"error": str(exc), **details}, status_code=status)
         return _error(request, status, str(exc))
 
     async def validation_error(request: Request, exc: Exception) -> Response:

@@ -299,3 +299,29 @@ def test_dockerignore_keeps_copied_sources_in_the_context() -> None:
     }
     assert {".venv", ".git", "tests", "benchmarks"} <= ignored
     assert not ignored & {"pyproject.toml", "newsletter", "worker", "templates"}
+
+
+# Settings that production refuses to start on their defaults (newsletter/production.py):
+# Compose must refuse to start until the operator sets them.
+REQUIRED_SETTINGS = {
+    "NEWSLETTER_SECRET_KEY",
+    "NEWSLETTER_BASE_URL",
+    "NEWSLETTER_POSTAL_ADDRESS",
+    "NEWSLETTER_DKIM_DOMAIN",
+    "NEWSLETTER_DKIM_SELECTOR",
+}
+
+
+def test_production_settings_are_required_not_defaulted(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    for name in APP_SERVICES:
+        env = _environment(services[name])
+        for key in REQUIRED_SETTINGS:
+            value = env.get(key, "")
+            assert value.startswith(f"${{{key}:?"), f"{name}: {key} is {value!r}"
+            assert len(value) > len(key) + 6, f"{name}: {key} has no message"
+        assert env["NEWSLETTER_DKIM_KEY_FILE"] == "/run/secrets/dkim_key", name
+        assert "dkim_key" in services[name].get("secrets", []), name
+    key_file = compose["secrets"]["dkim_key"]["file"]
+    assert key_file.startswith("${NEWSLETTER_DKIM_KEY_PATH:?"), key_file
