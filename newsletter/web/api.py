@@ -23,7 +23,7 @@ from newsletter import delivery, feedback, issues, subscriptions
 from newsletter.addresses import normalize_email
 from newsletter.articles import parse_json
 from newsletter.errors import InvalidInput, NewsletterError
-from newsletter.models import Issue, MailingList, SubscriptionStatus
+from newsletter.models import Issue, MailingList, Subscriber, SubscriptionStatus
 from newsletter.transport import Outcome, session_of
 from newsletter.web.context import WebContext, web_context
 from newsletter.web.ids import IssueId, SubscriptionCursor
@@ -158,8 +158,11 @@ def add_subscriber(
             source="api",
             suppression_key=ctx.runtime.suppression_key,
         )
+        reader = s.get(Subscriber, sub.subscriber_id)
+        assert reader is not None
         result = {
-            "email": normalize_email(body.email),
+            # The reader's address as first typed: another capitalisation is the same reader.
+            "email": reader.email,
             "list": slug,
             "status": sub.status.value,
             "confirmation_sent": False,

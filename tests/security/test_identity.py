@@ -127,7 +127,7 @@ def test_import_form_and_api_variants_are_one_reader_who_gets_one_copy(
     assert form.status_code == 200
     added = _api(web, "POST", "/lists/world/subscribers", json={"email": "DuP@example.org"})
     assert added.status_code == 201, added.text
-    assert added.json()["status"] == "active"
+    assert added.json()["status"] == "active" and added.json()["email"] == "Dup@example.org"
 
     readers = _readers(web)
     assert [(r["email"], r["name"], r["status"]) for r in readers] == [

@@ -85,7 +85,7 @@ def test_per_list_the_earliest_subscription_stays_with_the_strictest_state() -> 
         [reader(1), reader(2), reader(3)],
         [
             sub(10, 1, 1, "active", created=5, confirmed_at=at(5), updated_at=at(9)),
-            sub(11, 2, 1, "unsubscribed", created=2, confirmed_at=at(2), unsubscribed_at=at(6)),
+            sub(11, 2, 1, "unsubscribed", created=2, confirmed_at=at(2), unsubscribed_at=at(9)),
             sub(12, 3, 1, "bounced", created=8, paused=True, soft_bounces=3,
                 unsubscribed_at=at(8)),
             sub(20, 2, 2, "pending", created=3),
@@ -98,7 +98,7 @@ def test_per_list_the_earliest_subscription_stays_with_the_strictest_state() -> 
     one = kept[11]
     assert one.moved_from == 2 and one.status == "bounced"
     assert one.created_at == at(2) and one.confirmed_at == at(2)
-    assert one.unsubscribed_at == at(8)  # when the winning status came
+    assert one.unsubscribed_at == at(8)  # when the winning status came, not the last leaving
     assert one.paused and one.soft_bounces == 3 and one.updated_at == at(9)
     assert kept[20].moved_from == 2 and kept[20].status == "pending"
     three = kept[31]
