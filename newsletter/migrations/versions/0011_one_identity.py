@@ -177,29 +177,26 @@ def _merge_group(conn: sa.Connection, ids: list[int]) -> str:
 
 
 def merge_case_variants(conn: sa.Connection) -> list[str]:
-    """Merge every group of readers whose addresses differ only in case; what was done."""
-    groups = conn.execute(
+    """Merge every group of readers whose addresses differ only in case; what was done.
+    The groups are found in one pass over `subscribers`; each merge then works by ids."""
+    rows = conn.execute(
         sa.text(
-            "SELECT lower(email) AS k FROM subscribers GROUP BY lower(email) HAVING COUNT(*) > 1"
+            "SELECT lower(email) AS k, id FROM subscribers WHERE lower(email) IN ("
+            "SELECT lower(email) FROM subscribers GROUP BY lower(email) HAVING COUNT(*) > 1"
+            ") ORDER BY 1, 2"
         )
-    ).scalars()
-    keys = list(groups)
-    if not keys:
+    ).all()
+    if not rows:
         return []
+    groups: dict[str, list[int]] = {}
+    for key, id_ in rows:
+        groups.setdefault(key, []).append(id_)
     sqlite = conn.dialect.name == "sqlite"
     if sqlite:
         conn.exec_driver_sql("DROP TRIGGER IF EXISTS tr_subscriptions_stay")
     else:
         conn.exec_driver_sql("ALTER TABLE subscriptions DISABLE TRIGGER tr_subscriptions_stay")
-    done = []
-    for key in keys:
-        ids = list(
-            conn.execute(
-                sa.text("SELECT id FROM subscribers WHERE lower(email) = :k ORDER BY id"),
-                {"k": key},
-            ).scalars()
-        )
-        done.append(_merge_group(conn, ids))
+    done = [_merge_group(conn, ids) for ids in groups.values()]
     if sqlite:
         conn.exec_driver_sql(SQLITE_STAY)
     else:
