@@ -39,6 +39,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 log = logging.getLogger("newsletter.migrations")
+LOGGED = 50  # merges logged one by one; the rest are counted (each is an event as well)
 
 TS = sa.DateTime(timezone=True)
 BIG = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
@@ -210,10 +211,16 @@ def upgrade() -> None:
     key_type = "VARCHAR(320)" if sqlite else 'VARCHAR(320) COLLATE "C"'
     op.execute(f"ALTER TABLE subscribers ADD COLUMN email_key {key_type}")
     merged = merge_case_variants(conn)
-    for line in merged:
+    for line in merged[:LOGGED]:
         log.warning("migration 0011: %s", line)
+    if len(merged) > LOGGED:
+        log.warning("migration 0011: ... and %d more", len(merged) - LOGGED)
     if merged:
-        log.warning("migration 0011: %d group(s) of case variants merged", len(merged))
+        log.warning(
+            "migration 0011: %d group(s) of case variants merged, each recorded as a "
+            "`merged` event",
+            len(merged),
+        )
     op.execute("UPDATE subscribers SET email_key = lower(email)")
     if sqlite:
         op.execute("CREATE UNIQUE INDEX uq_subscribers_email_key ON subscribers (email_key)")
