@@ -97,7 +97,7 @@ def check_issue(
     postal_address: str | None,
     in_production: bool = False,
 ) -> CheckReport:
-    """Build the issue's message for its first active reader (or a stand-in) exactly as a
+    """Build the issue's message for the sample reader (newsletter/samples.py) exactly as a
     delivery would, signed when DKIM is configured, and check it (the production gate's
     problems are errors when `in_production`, warnings otherwise)."""
     from newsletter.delivery import build_for, prepare_issue
@@ -110,7 +110,7 @@ def check_issue(
     prepared = prepare_issue(issue, mlist)
     if signer is not None:
         prepared = replace(prepared, compiled=prepared.compiled.signed_by(signer))
-    reader = sample_reader(session, issue)
+    reader = sample_reader()
     data, _message_id = build_for(
         prepared,
         links,

@@ -412,7 +412,7 @@ def issues_preview(
     issue_id: int,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory.")] = Path("preview"),
 ) -> None:
-    """Write ID.html, ID.txt and ID.eml exactly as a subscriber receives them."""
+    """Write ID.html, ID.txt and ID.eml as a reader receives them, for a sample reader."""
     from newsletter import issues  # the composer and premailer: only where needed
 
     with transaction() as s:

@@ -127,7 +127,8 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
                 Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.SENT
             )
         )
-        reader = issues.sample_reader(s, issues.get_issue(s, issue_id))
+        reader = issues.first_active_reader(s, issues.get_issue(s, issue_id))
+        assert reader is not None  # the demo subscribed its readers above
         status = delivery.issue_status(s, issue_id)
     unsubscribe = rt.links.unsubscribe(reader.token)
     where = (

@@ -44,7 +44,8 @@ from newsletter.models import (
     sections_of,
     utcnow,
 )
-from newsletter.subscriptions import get_list, new_token
+from newsletter.samples import SAMPLE_EMAIL, SAMPLE_NAME, SAMPLE_TOKEN
+from newsletter.subscriptions import get_list
 
 SUMMARY_WORDS = 60
 
@@ -295,8 +296,18 @@ class SampleReader:
     token: str
 
 
-def sample_reader(session: Session, issue: Issue) -> SampleReader:
-    """The first active reader of the list, or a stand-in when there is none yet."""
+SAMPLE_READER = SampleReader(SAMPLE_EMAIL, SAMPLE_NAME, SAMPLE_TOKEN)
+"""Whom previews and `issues check` build the issue for: nobody (newsletter/samples.py)."""
+
+
+def sample_reader() -> SampleReader:
+    """The reader of previews and checks: a sample address and name, and a token whose links
+    open the test-copy page. Never a real reader: a preview is shared for review."""
+    return SAMPLE_READER
+
+
+def first_active_reader(session: Session, issue: Issue) -> SampleReader | None:
+    """The list's first active reader (the demo prints their unsubscribe link)."""
     row = session.execute(
         select(Subscriber.email, Subscriber.name, Subscription.token)
         .join(Subscription, Subscription.subscriber_id == Subscriber.id)
@@ -307,9 +318,7 @@ def sample_reader(session: Session, issue: Issue) -> SampleReader:
         .order_by(Subscription.id)
         .limit(1)
     ).first()
-    if row is None:
-        return SampleReader("reader@example.org", "Reader", new_token())
-    return SampleReader(*row)
+    return SampleReader(*row) if row is not None else None
 
 
 def build_single(
@@ -364,11 +373,11 @@ def sample_copy(
     dkim: DkimSigner | None = None,
 ) -> SampleCopy:
     """The message an operator's test send delivers: the issue as a reader gets it, subject
-    prefixed [TEST], to one address, with links that match no subscription. Sending it
-    changes nothing in the ledger."""
+    prefixed [TEST], to one address, with the sample reader's links (they open the test-copy
+    page and act on nobody). Sending it changes nothing in the ledger."""
     email = normalize_email(address)
     issue = get_issue(session, issue_id)
-    reader = SampleReader(email, None, new_token())
+    reader = SampleReader(email, None, SAMPLE_TOKEN)
     data, _html, _text = build_single(
         session, issue, links, reader, subject_prefix="[TEST] ", dkim=dkim
     )
@@ -386,7 +395,7 @@ def write_preview(
     dkim: DkimSigner | None = None,
 ) -> tuple[Path, Path, Path]:
     issue = get_issue(session, issue_id)
-    data, html, text = build_single(session, issue, links, sample_reader(session, issue), dkim=dkim)
+    data, html, text = build_single(session, issue, links, sample_reader(), dkim=dkim)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{issue_id}.html", out_dir / f"{issue_id}.txt", out_dir / f"{issue_id}.eml")
     paths[0].write_text(html, encoding="utf-8")

@@ -337,14 +337,15 @@ def status(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[st
 
 @router.get("/issues/{issue_id}/preview", tags=["issues"])
 def preview(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
-    """The html and text exactly as the list's first reader would get them."""
+    """The html and text exactly as a reader gets them, built for a sample reader (never a
+    real reader's address, name or links)."""
     with ctx.transaction() as s:
         issue = issues.get_issue(s, issue_id)
         _data, html, text = issues.build_single(
             s,
             issue,
             ctx.runtime.links,
-            issues.sample_reader(s, issue),
+            issues.sample_reader(),
             dkim=ctx.runtime.dkim_signer,
         )
         return {"id": issue.id, "subject": issue.subject, "html": html, "text": text}

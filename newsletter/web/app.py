@@ -20,7 +20,7 @@ from newsletter.runtime import Runtime
 from newsletter.tokens import TokenError
 from newsletter.web import api, ids, pages
 from newsletter.web.api import UpstreamError
-from newsletter.web.context import WebContext, page_environment, sentence
+from newsletter.web.context import SampleLinkOpened, WebContext, page_environment, sentence
 from newsletter.web.dispatch import Dispatcher
 from newsletter.web.limits import Limiter, SubscribeLimits, make_limiter
 from newsletter.web.redact import RedactLinkTokens, redact_tokens
@@ -178,6 +178,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("unhandled error on %s %s", request.method, path, exc_info=exc)
         return _error(request, 500, "an internal error occurred; it has been logged")
 
+    async def sample_link(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, SampleLinkOpened)
+        ctx: WebContext = request.app.state.web
+        what = {"unsubscribe": "unsubscribe", "preferences": "manage their preferences"}
+        return ctx.render(
+            "sample.html",
+            title="This was a test copy",
+            action=what.get(exc.purpose.value, "use this link"),
+        )
+
+    app.add_exception_handler(SampleLinkOpened, sample_link)
     app.add_exception_handler(NewsletterError, newsletter_error)
     app.add_exception_handler(ArticleParseError, newsletter_error)
     app.add_exception_handler(HeaderValueError, newsletter_error)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from newsletter.addresses import address_key
 from newsletter.runtime import Runtime
+from newsletter.samples import is_sample_token
 from newsletter.tokens import Purpose
 from newsletter.web.dispatch import Dispatcher
 from newsletter.web.limits import Limiter, SubscribeLimits
@@ -69,8 +70,12 @@ class WebContext:
         return self.render("error.html", status=status, title=title, message=message, hint=hint)
 
     def verify(self, purpose: Purpose, signed: str) -> str:
-        """The subscription token inside a link, or TokenError (a 400 page)."""
-        return self.runtime.links.signer.unsign(purpose, signed)
+        """The subscription token inside a link, or TokenError (a 400 page), or
+        SampleLinkOpened for a link of a preview or test copy (the test-copy page)."""
+        token = self.runtime.links.signer.unsign(purpose, signed)
+        if is_sample_token(token):
+            raise SampleLinkOpened(purpose)
+        return token
 
     def path(self, purpose: Purpose, token: str) -> str:
         """A link to one of our own pages, relative so that it works on any host name."""
@@ -81,6 +86,15 @@ class WebContext:
         is one reader), for rate-limit keys (no address leaves the database)."""
         key = self.runtime.suppression_key.encode()
         return hmac.new(key, address_key(address).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+class SampleLinkOpened(Exception):
+    """A validly signed link of a preview or test copy: it belongs to nobody, so the app
+    answers with the test-copy page (200) and changes nothing."""
+
+    def __init__(self, purpose: Purpose) -> None:
+        super().__init__(f"a {purpose.value} link of a test copy")
+        self.purpose = purpose
 
 
 def web_context(request: Request) -> WebContext:

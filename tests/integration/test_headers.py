@@ -423,7 +423,7 @@ def test_issues_check_finds_a_signature_that_does_not_verify(rt: Runtime, tmp_pa
         report = checks.check_issue(s, issue_id, rt.links, signer=ours, postal_address=POSTAL)
         assert report.signed and not report.errors
         issue = issues.get_issue(s, issue_id)
-        data, _html, _text = issues.build_single(s, issue, rt.links, issues.sample_reader(s, issue))
+        data, _html, _text = issues.build_single(s, issue, rt.links, issues.sample_reader())
     problems = checks.check_message(stale.sign(data), signer=ours, postal_address=POSTAL)
     assert [p.code for p in problems if p.severity == "error"] == ["dkim"]
     wrong_domain = DkimSigner(ours.key, domain="other.example", selector="news")

@@ -239,7 +239,9 @@ def test_articles_issues_preview_test_send_and_status(
 
     preview = api(web, "GET", f"/issues/{issue_id}/preview").json()
     assert preview["subject"] == "Week 1"
-    assert "Hello Ada," in preview["text"] and "Talks resume" in preview["html"]
+    # built for the sample reader, never for a real one (issue 13, finding 9)
+    assert "Hello Sample Reader," in preview["text"] and "Talks resume" in preview["html"]
+    assert "Ada" not in preview["text"]
     assert settle(smtp_server.recorder) == 0  # a preview sends nothing
 
     tested = api(web, "POST", f"/issues/{issue_id}/test", json={"email": "editor@example.org"})
