@@ -7,7 +7,8 @@ Prints plain `name: value` lines:
     build_us_per_message            median over R runs of N builds (varied recipients)
     build_with_signed_links_us_per_message
                                     the same plus signing the reader's unsubscribe and
-                                    preferences links, as a worker does per reader
+                                    preferences links and MACing the delivery's
+                                    Message-ID, as a worker does per reader
     target_us_per_message           50 (issue 6)
     message_bytes                   size of one built message
     emailmessage_us_per_message     the same message through email.message.EmailMessage
@@ -33,8 +34,10 @@ for path in (ROOT, Path(__file__).resolve().parent):
 
 from bench_compose import sample_articles, sample_context  # noqa: E402
 
+from newsletter import provenance  # noqa: E402
 from newsletter.compose import make_environment, render_issue  # noqa: E402
 from newsletter.delivery import Links  # noqa: E402
+from newsletter.keys import derive_all  # noqa: E402
 from newsletter.message import (  # noqa: E402
     CompiledMessage,
     IssueMessageSpec,
@@ -44,6 +47,7 @@ from newsletter.message import (  # noqa: E402
     make_message_id,
 )
 from newsletter.placeholders import Markers  # noqa: E402
+from newsletter.provenance import MessageIds  # noqa: E402
 from newsletter.tokens import LinkSigner  # noqa: E402
 
 MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
@@ -130,14 +134,20 @@ def main() -> None:
     ours = statistics.median(runs)
 
     # What a worker does per reader (delivery.build_for): sign the reader's links (HMAC-SHA256
-    # per purpose), then substitute and build.
-    links = Links(BASE, LinkSigner(["bench-secret-key"]))
+    # per purpose), MAC the delivery's Message-ID (newsletter.provenance), then substitute
+    # and build.
+    links = Links(
+        BASE,
+        LinkSigner(["bench-secret-key"]),
+        MessageIds(derive_all(["bench-secret-key"], provenance.PURPOSE)),
+    )
     tokens = [f"tok{number:020d}" for number in range(len(people))]
     linked_runs = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        for person, token in zip(people, tokens, strict=True):
+        for number, (person, token) in enumerate(zip(people, tokens, strict=True)):
             unsubscribe, preferences, mailto = links.reader("desk@example.org", token)
+            tag = links.message_ids.tag(number, "a1b2c3d4e5f6")
             build(
                 Recipient(
                     email=person.email,
@@ -145,7 +155,7 @@ def main() -> None:
                     unsubscribe_url=unsubscribe,
                     preferences_url=preferences,
                     unsubscribe_mailto=mailto,
-                    message_id=person.message_id,
+                    message_id=make_message_id(number, tag, "example.org"),
                 ),
                 date=date,
             )

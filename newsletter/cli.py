@@ -555,7 +555,8 @@ def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
     typer.echo(
         f"hard bounces {fb['hard_bounces']} ({fb['hard_bounce_rate']:.2%})  "
         f"soft bounces {fb['soft_bounces']}  complaints {fb['complaints']} "
-        f"({fb['complaint_rate']:.2%})  mailed unsubscribes {fb['unsubscribes']}"
+        f"({fb['complaint_rate']:.2%})  mailed unsubscribes {fb['unsubscribes']}  "
+        f"unverified reports {fb['unverified_reports']}"
     )
     if st["last_errors"]:
         typer.echo("last errors:")
@@ -702,7 +703,7 @@ def bounces_ingest(
             raise InvalidInput(f"{file}: {exc.strerror}") from None
         with transaction() as s:
             applied = feedback.ingest_message(
-                s, raw, signer=r.links.signer, verp=verp, policy=policy
+                s, raw, signer=r.links.signer, message_ids=r.message_ids, verp=verp, policy=policy
             )
         for a in applied:
             results.append({"file": str(file), **_applied_dict(a)})

@@ -74,6 +74,7 @@ from newsletter.models import (
     utcnow,
 )
 from newsletter.placeholders import Markers
+from newsletter.provenance import MessageIds
 from newsletter.ratelimit import Throttle
 from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, link
@@ -123,10 +124,12 @@ class DeliveryPolicy:
 
 @dataclass(frozen=True)
 class Links:
-    """Builds a reader's personal links from the subscription's opaque token."""
+    """Builds a reader's personal links from the subscription's opaque token, and each
+    delivery's Message-ID (whose MAC proves a returned report is about it)."""
 
     base_url: str
     signer: LinkSigner
+    message_ids: MessageIds
 
     def unsubscribe(self, token: str) -> str:
         return link(
@@ -231,7 +234,9 @@ def build_for(
     token: str,
     date: str,
 ) -> tuple[bytes, str]:
-    message_id = _make_message_id(delivery_id, prepared.nonce, prepared.domain)
+    message_id = _make_message_id(
+        delivery_id, links.message_ids.tag(delivery_id, prepared.nonce), prepared.domain
+    )
     unsubscribe_url, preferences_url, unsubscribe_mailto = links.reader(
         prepared.list_address, token
     )

@@ -13,7 +13,14 @@ and decides, inside the caller's transaction (it flushes, never commits):
   reader that was sent and drew no bounce, or a positive DSN; either resets the count;
 * a mail to the List-Unsubscribe ``mailto:`` whose signed token verifies unsubscribes;
 * the same event twice changes nothing: each is recorded under a unique key in
-  ``bounce_events`` (per delivery and kind when the delivery is known, else per report).
+  ``bounce_events`` (per delivery and kind when the delivery is known, else per report);
+* a report acts only when it proves which of our messages it is about: a VERP address whose
+  MAC verifies, or our Message-ID whose MAC verifies (:mod:`newsletter.provenance`) in the
+  headers it returns; or when it came through the authenticated webhook (``trusted``). A
+  mailed unsubscribe proves itself with its signed token. Anything else is stored as
+  ``unverified``, counted in the issue's figures (``unverified_reports``), and changes no
+  reader and pauses no send. One report proving one delivery changes that reader only,
+  whatever other addresses it names.
 
 Every status change goes through :func:`newsletter.subscriptions.set_status`.
 """
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -43,10 +51,11 @@ from newsletter.models import (
     Subscription,
     SubscriptionStatus,
 )
+from newsletter.provenance import MessageIds, claimed_delivery
 from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
-_OUR_MESSAGE_ID_PREFIX = "<d"
+_CLAIMED_DELIVERY = re.compile(r"<d(\d{1,18})\.")
 
 
 class Outcome(enum.StrEnum):
@@ -60,6 +69,7 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"  # the same event was applied before
     UNMATCHED = "unmatched"  # about nobody we know (or a token that does not verify)
     IGNORED = "ignored"  # not actionable: auto-reply, delay warning, unknown mail
+    UNVERIFIED = "unverified"  # proves no message of ours: stored, changes nothing
 
 
 @dataclass(frozen=True)
@@ -80,6 +90,12 @@ class AppliedEvent:
     changed: list[int] = field(default_factory=list)  # subscription ids whose status changed
 
     def describe(self) -> str:
+        if self.outcome is Outcome.UNVERIFIED:
+            status = f" {self.event.status}" if self.event.status else ""
+            return (
+                f"{self.event.type.value}{status} ({self.event.source}): unverified, it proves "
+                "no message of ours (no valid VERP address or Message-ID); nothing changed"
+            )
         who = f"subscriber {self.subscriber_id}" if self.subscriber_id else "nobody known"
         where = f", delivery {self.delivery_id}" if self.delivery_id else ""
         status = f" {self.event.status}" if self.event.status else ""
@@ -90,11 +106,15 @@ class AppliedEvent:
 
 
 @dataclass(frozen=True)
-class _Target:
+class Target:
     subscriber_id: int | None
     list_id: int | None  # None: the report does not say which list
-    issue_id: int | None
+    issue_id: int | None  # for an unverified report: the issue it claims, for the figures
     delivery_id: int | None
+    verified: bool = True
+
+
+_NOBODY = Target(None, None, None, None)
 
 
 def ingest_message(
@@ -102,14 +122,23 @@ def ingest_message(
     raw: bytes,
     *,
     signer: LinkSigner,
+    message_ids: MessageIds,
     verp: Verp | None = None,
     policy: FeedbackPolicy | None = None,
     source: str | None = None,
+    trusted: bool = False,
 ) -> list[AppliedEvent]:
-    """Parse one returned mail and apply every event it carries."""
+    """Parse one returned mail and apply every event it carries. ``trusted``: it came
+    through the authenticated webhook, and may name readers by address alone."""
+    events = parse(raw, verp=verp)
+    targets = [
+        _find_target(session, event, signer, message_ids, trusted) if event.actionable else None
+        for event in events
+    ]
+    targets = _one_reader_per_delivery(session, events, targets)
     return [
-        apply_event(session, event, signer=signer, policy=policy, source=source)
-        for event in parse(raw, verp=verp)
+        apply_event(session, event, target=target, policy=policy, source=source)
+        for event, target in zip(events, targets, strict=True)
     ]
 
 
@@ -117,15 +146,17 @@ def apply_event(
     session: Session,
     event: FeedbackEvent,
     *,
-    signer: LinkSigner,
+    target: Target | None,
     policy: FeedbackPolicy | None = None,
     source: str | None = None,
 ) -> AppliedEvent:
-    """Apply one event (see the module docstring for the policy). Flushes, no commit."""
+    """Apply one event to its target (see the module docstring for the policy). Flushes, no
+    commit."""
     policy = policy or FeedbackPolicy()
-    if not event.actionable:
+    if not event.actionable or target is None:
         return AppliedEvent(event, Outcome.IGNORED)
-    target = _find_target(session, event, signer)
+    if not target.verified:
+        return _store_unverified(session, event, target, source)
     applied = AppliedEvent(
         event,
         Outcome.UNMATCHED,
@@ -173,45 +204,139 @@ def apply_event(
 # --- whom an event is about ----------------------------------------------------------------------
 
 
-def _find_target(session: Session, event: FeedbackEvent, signer: LinkSigner) -> _Target:
-    """The delivery (VERP, then our Message-ID), the signed unsubscribe token, or the
-    recipient address, in that order of trust."""
+def _find_target(
+    session: Session,
+    event: FeedbackEvent,
+    signer: LinkSigner,
+    message_ids: MessageIds,
+    trusted: bool,
+) -> Target:
+    """The delivery the report proves (a genuine VERP address, then our Message-ID with a
+    valid MAC); for a mailed unsubscribe, the subscription its signed token names; for a
+    trusted report, the recipient it names; else an unverified target."""
     delivery = None
-    if event.delivery_id is not None:
+    if event.delivery_id is not None:  # bounces.Verp verified its MAC
         delivery = session.get(Delivery, event.delivery_id)
     if delivery is None and event.message_id:
-        delivery = _delivery_by_message_id(session, event.message_id)
-    if delivery is not None and delivery.subscriber_id is not None:
+        delivery = _delivery_by_message_id(session, event.message_id, message_ids)
+    if delivery is not None:
+        if delivery.subscriber_id is None:  # erased since: about nobody
+            return Target(None, None, delivery.issue_id, delivery.id)
         list_id = session.scalar(select(Issue.list_id).where(Issue.id == delivery.issue_id))
-        return _Target(delivery.subscriber_id, list_id, delivery.issue_id, delivery.id)
-    if event.unsubscribe_token:
+        return Target(delivery.subscriber_id, list_id, delivery.issue_id, delivery.id)
+    if event.unsubscribe_token and (event.type is EventType.UNSUBSCRIBE or trusted):
         sub = _subscription_by_signed_token(session, signer, event.unsubscribe_token)
         if sub is not None:
-            return _Target(sub.subscriber_id, sub.list_id, None, None)
-        if event.type is EventType.UNSUBSCRIBE:
-            return _Target(None, None, None, None)  # only a genuine token unsubscribes
-    if event.recipient:
-        subscriber_id = session.scalar(
-            select(Subscriber.id).where(Subscriber.email_key == address_key(event.recipient))
-        )
+            return Target(sub.subscriber_id, sub.list_id, None, None)
+    if event.type is EventType.UNSUBSCRIBE:
+        return _NOBODY  # only a genuine token unsubscribes
+    if trusted:
+        subscriber_id = _subscriber_by_address(session, event.recipient)
         if subscriber_id is not None:
-            return _Target(subscriber_id, _list_by_list_id(session, event.list_id), None, None)
-    return _Target(None, None, None, None)
+            return Target(subscriber_id, _list_by_list_id(session, event.list_id), None, None)
+        return _NOBODY
+    return Target(None, None, _claimed_issue(session, event), None, verified=False)
 
 
-def _delivery_by_message_id(session: Session, message_id: str) -> Delivery | None:
-    """Our Message-IDs are <d{delivery id}.{issue nonce}@domain>: the nonce must match."""
-    if not message_id.startswith(_OUR_MESSAGE_ID_PREFIX):
+def _subscriber_by_address(session: Session, address: str | None) -> int | None:
+    if not address:
         return None
-    left = message_id[2:].partition("@")[0]
-    number, _, nonce = left.partition(".")
-    if not number.isdigit() or not nonce:
+    return session.scalar(select(Subscriber.id).where(Subscriber.email_key == address_key(address)))
+
+
+def _one_reader_per_delivery(
+    session: Session, events: Sequence[FeedbackEvent], targets: list[Target | None]
+) -> list[Target | None]:
+    """A report proves one delivery; when it carries several events (a DSN naming several
+    addresses) only the one about that delivery's reader acts, the others are unverified."""
+    by_delivery: dict[int, list[int]] = {}
+    for index, target in enumerate(targets):
+        if target is not None and target.verified and target.delivery_id is not None:
+            by_delivery.setdefault(target.delivery_id, []).append(index)
+    result = list(targets)
+    for delivery_id, indexes in by_delivery.items():
+        if len(indexes) == 1:
+            continue  # one event: about the proven delivery, whatever address it names
+        email = session.scalar(
+            select(Subscriber.email)
+            .join(Delivery, Delivery.subscriber_id == Subscriber.id)
+            .where(Delivery.id == delivery_id)
+        )
+        own = _key(email)
+        keep = next((i for i in indexes if _key(events[i].recipient) == own), None)
+        for index in indexes:
+            target = targets[index]
+            if index != keep and target is not None:
+                result[index] = Target(None, None, target.issue_id, None, verified=False)
+    return result
+
+
+def _key(address: str | None) -> str | None:
+    return address_key(address) if address else None
+
+
+def _claimed_issue(session: Session, event: FeedbackEvent) -> int | None:
+    """The issue an unverified report says it is about (the delivery its Message-ID names,
+    else the last one to the address it names): only for the issue's figures."""
+    if event.message_id and (found := _CLAIMED_DELIVERY.match(event.message_id)):
+        issue_id = session.scalar(select(Delivery.issue_id).where(Delivery.id == int(found[1])))
+        if issue_id is not None:
+            return issue_id
+    subscriber_id = _subscriber_by_address(session, event.recipient)
+    if subscriber_id is None:
         return None
-    delivery = session.get(Delivery, int(number))
+    return session.scalar(
+        select(Delivery.issue_id)
+        .where(Delivery.subscriber_id == subscriber_id)
+        .order_by(Delivery.id.desc())
+        .limit(1)
+    )
+
+
+def _store_unverified(
+    session: Session, event: FeedbackEvent, target: Target, source: str | None
+) -> AppliedEvent:
+    applied = AppliedEvent(event, Outcome.UNVERIFIED, issue_id=target.issue_id)
+    identity = f"{event.type.value}|unverified|{event.recipient}|{event.report_id}"
+    key = hashlib.sha256(identity.encode("utf-8")).hexdigest()
+    if session.scalar(select(BounceEvent.id).where(BounceEvent.key == key)) is not None:
+        applied.outcome = Outcome.DUPLICATE
+        return applied
+    try:
+        with session.begin_nested():
+            session.add(
+                BounceEvent(
+                    key=key,
+                    kind=event.type.value,
+                    source=(source or event.source)[:20],
+                    outcome=Outcome.UNVERIFIED.value,
+                    issue_id=target.issue_id,
+                    status=event.status,
+                    detail=redact(event.diagnostic),
+                )
+            )
+            session.flush()
+    except IntegrityError:
+        applied.outcome = Outcome.DUPLICATE
+    return applied
+
+
+def _delivery_by_message_id(
+    session: Session, message_id: str, message_ids: MessageIds
+) -> Delivery | None:
+    """The delivery our Message-ID <d{delivery id}.{mac}@domain> names, if its MAC (over the
+    delivery id and its issue's nonce) verifies."""
+    claim = claimed_delivery(message_id)
+    if claim is None:
+        return None
+    delivery_id, mac = claim
+    delivery = session.get(Delivery, delivery_id)
     if delivery is None:
         return None
-    issue_nonce = session.scalar(select(Issue.nonce).where(Issue.id == delivery.issue_id))
-    return delivery if issue_nonce == nonce else None
+    nonce = session.scalar(select(Issue.nonce).where(Issue.id == delivery.issue_id))
+    if nonce is None or not message_ids.verify(delivery_id, nonce, mac):
+        return None
+    return delivery
 
 
 def _subscription_by_signed_token(
@@ -232,7 +357,7 @@ def _list_by_list_id(session: Session, list_id: str | None) -> int | None:
     return session.scalar(select(MailingList.id).where(MailingList.slug == slug))
 
 
-def _subscriptions(session: Session, target: _Target, kind: EventType) -> list[Subscription]:
+def _subscriptions(session: Session, target: Target, kind: EventType) -> list[Subscription]:
     """The subscriptions an event acts on: the list's, or (hard bounces, and reports that do
     not say which list) every one of the subscriber's."""
     query = select(Subscription).where(Subscription.subscriber_id == target.subscriber_id)
@@ -241,7 +366,7 @@ def _subscriptions(session: Session, target: _Target, kind: EventType) -> list[S
     return list(session.scalars(query.order_by(Subscription.id)))
 
 
-def _event_key(event: FeedbackEvent, target: _Target) -> str:
+def _event_key(event: FeedbackEvent, target: Target) -> str:
     if target.delivery_id is not None and event.type is not EventType.UNSUBSCRIBE:
         identity = f"{event.type.value}|delivery|{target.delivery_id}"
     else:
@@ -258,7 +383,7 @@ _LIVE = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
 def _hard_bounce(
     session: Session,
     event: FeedbackEvent,
-    target: _Target,
+    target: Target,
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
@@ -272,7 +397,7 @@ def _hard_bounce(
 def _complaint(
     session: Session,
     event: FeedbackEvent,
-    target: _Target,
+    target: Target,
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
@@ -288,7 +413,7 @@ def _complaint(
 def _soft_bounce(
     session: Session,
     event: FeedbackEvent,
-    target: _Target,
+    target: Target,
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
@@ -314,7 +439,7 @@ def _soft_bounce(
 def _delivered(
     session: Session,
     event: FeedbackEvent,
-    target: _Target,
+    target: Target,
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
@@ -331,7 +456,7 @@ def _delivered(
 def _unsubscribe(
     session: Session,
     event: FeedbackEvent,
-    target: _Target,
+    target: Target,
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
@@ -393,18 +518,26 @@ def _delivered_since_last_soft_bounce(
 def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) -> dict[str, Any]:
     """Bounce and complaint counts of one issue and their rates over the messages sent:
     ``{"sent", "hard_bounces", "soft_bounces", "complaints", "unsubscribes",
-    "hard_bounce_rate", "complaint_rate"}``. Pass `sent` when it is known (issue_status
-    has it from the batch counts): counting it is a scan of the issue's sent deliveries."""
+    "unverified_reports", "hard_bounce_rate", "complaint_rate"}``; the counts and rates are
+    of verified reports only, ``unverified_reports`` counts the others that claim it. Pass
+    `sent` when it is known (issue_status has it from the batch counts): counting it is a
+    scan of the issue's sent deliveries."""
     events = cast(Table, BounceEvent.__table__).c  # Core: see delivery.issue_status
     rows = session.execute(
-        select(events.kind, func.count())
+        select(events.kind, events.outcome, func.count())
         .where(
             events.issue_id == issue_id,
             events.outcome.not_in((Outcome.DUPLICATE.value, Outcome.IGNORED.value)),
         )
-        .group_by(events.kind)
+        .group_by(events.kind, events.outcome)
     ).all()
-    by_kind = {kind: n for kind, n in rows}
+    by_kind: dict[str, int] = {}
+    unverified = 0
+    for kind, outcome, n in rows:
+        if outcome == Outcome.UNVERIFIED.value:
+            unverified += n
+        else:
+            by_kind[kind] = by_kind.get(kind, 0) + n
     if sent is None:
         sent = _sent(session, issue_id)
     figures: dict[str, Any] = {
@@ -413,6 +546,7 @@ def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) 
         "soft_bounces": by_kind.get(EventType.SOFT_BOUNCE.value, 0),
         "complaints": by_kind.get(EventType.COMPLAINT.value, 0),
         "unsubscribes": by_kind.get(EventType.UNSUBSCRIBE.value, 0),
+        "unverified_reports": unverified,
     }
     figures["hard_bounce_rate"] = figures["hard_bounces"] / sent if sent else 0.0
     figures["complaint_rate"] = figures["complaints"] / sent if sent else 0.0
@@ -431,7 +565,7 @@ def complaint_rate_exceeded(
         select(func.count()).where(
             BounceEvent.issue_id == issue_id,
             BounceEvent.kind == EventType.COMPLAINT.value,
-            BounceEvent.outcome != Outcome.DUPLICATE.value,
+            BounceEvent.outcome.not_in((Outcome.DUPLICATE.value, Outcome.UNVERIFIED.value)),
         )
     )
     sent = _sent(session, issue_id)

@@ -167,16 +167,17 @@ class Recipient:
     message_id: str
 
 
-def make_message_id(delivery_id: int, issue_nonce: str, domain: str) -> str:
-    """The Message-ID of one delivery, the same every time it is built (a retried send keeps
-    its id): ``<d{delivery_id}.{issue_nonce}@{domain}>``."""
+def make_message_id(delivery_id: int, tag: str, domain: str) -> str:
+    """The Message-ID of one delivery: ``<d{delivery_id}.{tag}@{domain}>``, where the tag is
+    the delivery's MAC (newsletter.provenance), the same every time it is built (a retried
+    send keeps its id)."""
     if delivery_id < 0:
         raise ValueError("delivery_id must not be negative")
-    if not _NONCE.fullmatch(issue_nonce):
-        raise ValueError("issue_nonce must be letters, digits, '-' or '_'")
+    if not _NONCE.fullmatch(tag):
+        raise ValueError("a message id tag must be letters, digits, '-' or '_'")
     if not _DOT_ATOM.fullmatch(domain) or not domain.isascii():
         raise ValueError(f"message id domain is not a valid ASCII domain: {domain!r}")
-    return f"<d{delivery_id}.{issue_nonce}@{domain}>"
+    return f"<d{delivery_id}.{tag}@{domain}>"
 
 
 def format_date(timestamp: float | None = None) -> str:

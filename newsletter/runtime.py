@@ -14,12 +14,15 @@ import jinja2
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from newsletter import provenance
 from newsletter.bounces import Verp
 from newsletter.config import Settings
 from newsletter.db import make_engine, make_sessionmaker
 from newsletter.delivery import DeliveryPolicy, IssueCache, Links
 from newsletter.dkim import DkimSigner, signer_from_settings
 from newsletter.feedback import FeedbackPolicy
+from newsletter.keys import derive_all
+from newsletter.provenance import MessageIds
 from newsletter.ratelimit import Throttle, make_throttle
 from newsletter.tokens import LinkSigner
 from newsletter.transport import OutboxTransport, SmtpTransport, Transport
@@ -47,7 +50,13 @@ class Runtime:
 
     @cached_property
     def links(self) -> Links:
-        return Links(self.settings.base_url, LinkSigner(self.settings.secret_keys))
+        keys = self.settings.secret_keys
+        return Links(self.settings.base_url, LinkSigner(keys), self.message_ids)
+
+    @cached_property
+    def message_ids(self) -> MessageIds:
+        """Message-IDs whose MAC proves which delivery a returned report is about."""
+        return MessageIds(derive_all(self.settings.secret_keys, provenance.PURPOSE))
 
     @cached_property
     def policy(self) -> DeliveryPolicy:

@@ -97,11 +97,6 @@ def the_delivery(rt: Runtime, issue_id: int, email: str) -> Delivery:
         return row
 
 
-def nonce_of(rt: Runtime, issue_id: int) -> str:
-    with rt.sessions() as s:
-        return issues.get_issue(s, issue_id).nonce
-
-
 def returned(rt: Runtime, sample: str, issue_id: int, email: str) -> bytes:
     """The sample, as if it came back for the delivery of `issue_id` to `email`."""
     sample_id, sample_rcpt, _status, _soft = SHAPES.get(sample, (None, None, None, None))
@@ -109,10 +104,8 @@ def returned(rt: Runtime, sample: str, issue_id: int, email: str) -> bytes:
     raw = (SAMPLES / sample).read_bytes().decode("utf-8")
     if sample_id is not None:
         raw = raw.replace(SAMPLE_VERP.address(sample_id), verp(rt).address(row.id))
-        raw = raw.replace(
-            f"<d{sample_id}.{SAMPLE_NONCE}@example.org>",
-            f"<d{row.id}.{nonce_of(rt, issue_id)}@example.org>",
-        )
+        assert row.message_id is not None
+        raw = raw.replace(f"<d{sample_id}.{SAMPLE_NONCE}@example.org>", row.message_id)
     if sample_rcpt is not None:
         raw = raw.replace(sample_rcpt, email)
     return raw.encode("utf-8")
@@ -124,6 +117,7 @@ def ingest(rt: Runtime, raw: bytes, *, with_verp: bool = True) -> list[AppliedEv
             s,
             raw,
             signer=rt.links.signer,
+            message_ids=rt.message_ids,
             verp=verp(rt) if with_verp else None,
             policy=FeedbackPolicy(),
         )
@@ -260,20 +254,24 @@ def test_without_verp_our_message_id_names_the_delivery_and_a_forged_one_does_no
     raw = returned(rt, "rfc3464_hard.eml", issue_id, "reader0@example.org")
     applied = ingest(rt, raw, with_verp=False)
     assert applied[0].delivery_id == the_delivery(rt, issue_id, "reader0@example.org").id
-    # A Message-ID with the wrong issue nonce names nobody's delivery; the report's
-    # recipient address still names the reader.
+    # A Message-ID whose MAC does not verify names nobody's delivery, and a report that
+    # proves nothing changes nobody, whatever address it names: it is stored unverified.
     row = the_delivery(rt, issue_id, "reader1@example.org")
+    assert row.message_id is not None
+    mac = row.message_id.split(".", 1)[1].split("@", 1)[0]
     forged = returned(rt, "postfix_hard.eml", issue_id, "reader1@example.org").replace(
-        f".{nonce_of(rt, issue_id)}@".encode(), b".000000000000@"
+        f".{mac}@".encode(), b".0000000000000000000f@"
     )
     applied = ingest(rt, forged, with_verp=False)
-    assert applied[0].delivery_id is None and row.id
-    assert state(rt, "reader1@example.org")[0] == SubscriptionStatus.BOUNCED
-    # A forged VERP address is no address at all: the mangled DSN then names nobody.
+    assert [(a.outcome, a.delivery_id, a.issue_id) for a in applied] == [
+        (Outcome.UNVERIFIED, None, issue_id)
+    ]
+    assert state(rt, "reader1@example.org")[0] == SubscriptionStatus.ACTIVE
+    # A forged VERP address is no address at all: the mangled DSN then proves nothing.
     mangled = returned(rt, "mangled_dsn.eml", issue_id, "reader2@example.org")
     genuine = verp(rt).address(the_delivery(rt, issue_id, "reader2@example.org").id)
     mangled = mangled.replace(genuine.encode(), b"bounces+1-000000000000@bounces.example.org")
-    assert [a.outcome for a in ingest(rt, mangled)] == [Outcome.UNMATCHED]
+    assert [a.outcome for a in ingest(rt, mangled)] == [Outcome.UNVERIFIED]
     assert state(rt, "reader2@example.org")[0] == SubscriptionStatus.ACTIVE
 
 

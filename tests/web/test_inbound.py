@@ -10,10 +10,11 @@ import pytest
 
 from newsletter.delivery import Links
 from newsletter.inbound import unsubscribe_token
+from newsletter.provenance import MessageIds
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
 SIGNER = LinkSigner(["test-secret-key"])
-LINKS = Links("https://news.example.org", SIGNER)
+LINKS = Links("https://news.example.org", SIGNER, MessageIds(["message-id-key"]))
 TOKEN = "dvYyNvhK8T2knu-XN1nH9Q"
 
 
