@@ -90,6 +90,7 @@ def build_with_emailmessage(spec: IssueMessageSpec, recipient: Recipient, date: 
         "name": recipient.name,
         "unsubscribe_url": recipient.unsubscribe_url,
         "preferences_url": recipient.preferences_url,
+        "markers": spec.markers,
     }
     message.set_content(fill_placeholders(spec.text, html=False, **values))  # type: ignore[arg-type]
     message.add_alternative(

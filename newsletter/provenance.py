@@ -29,11 +29,13 @@ class MessageIds:
     def __init__(self, keys: Sequence[str]) -> None:
         if not keys or not all(keys):
             raise ValueError("at least one non-empty key is needed")
-        self._keys = [key.encode("utf-8") for key in keys]
+        # One keyed HMAC state per key, copied per message: half the cost of hmac.new.
+        self._keys = [hmac.new(key.encode("utf-8"), digestmod=hashlib.sha256) for key in keys]
 
-    def _mac(self, key: bytes, delivery_id: int, nonce: str) -> str:
-        message = f"{PURPOSE}:{delivery_id}:{nonce}".encode()
-        return hmac.new(key, message, hashlib.sha256).hexdigest()[:MAC_CHARS]
+    def _mac(self, key: hmac.HMAC, delivery_id: int, nonce: str) -> str:
+        mac = key.copy()
+        mac.update(f"{PURPOSE}:{delivery_id}:{nonce}".encode())
+        return mac.hexdigest()[:MAC_CHARS]
 
     def tag(self, delivery_id: int, nonce: str) -> str:
         """The MAC that goes after ``d{delivery_id}.`` (under the newest key)."""
