@@ -108,6 +108,7 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
             max_articles=10,
         )
         issue_id = issue.id
+        rt.refuse_unsafe_send(s, issue_id)  # the production gate, as for `issues send`
         batch_ids = issues.begin_send(
             s,
             rt.templates,
