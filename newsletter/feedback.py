@@ -52,7 +52,7 @@ from newsletter.models import (
     SubscriptionStatus,
 )
 from newsletter.provenance import MessageIds, claimed_delivery
-from newsletter.subscriptions import set_status
+from newsletter.subscriptions import set_status, subscription_for_token
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
 _CLAIMED_DELIVERY = re.compile(r"<d(\d{1,18})\.")
@@ -346,7 +346,7 @@ def _subscription_by_signed_token(
         token = signer.unsign(Purpose.UNSUBSCRIBE, signed)
     except TokenError:
         return None
-    return session.scalar(select(Subscription).where(Subscription.token == token))
+    return subscription_for_token(session, token)
 
 
 def _list_by_list_id(session: Session, list_id: str | None) -> int | None:

@@ -169,6 +169,19 @@ class Subscription(Base):
     import_event_id: Mapped[int | None] = mapped_column(BigId)
 
 
+class SubscriptionAlias(Base):
+    """A token of a subscription that was merged into another (migration 0011: readers who
+    were case variants of one address): links already mailed with it act on the one that
+    stays. Deleted with that subscription (erasure, a list's deletion)."""
+
+    __tablename__ = "subscription_aliases"
+
+    token: Mapped[str] = mapped_column(_bytewise(64), primary_key=True)
+    subscription_id: Mapped[int] = mapped_column(
+        BigId, ForeignKey("subscriptions.id", ondelete="CASCADE"), index=True
+    )
+
+
 class Suppression(Base):
     """Addresses that must never be mailed again, kept only as a keyed hash (erasure)."""
 

@@ -43,6 +43,7 @@ from newsletter.models import (
     MailingList,
     Subscriber,
     Subscription,
+    SubscriptionAlias,
     SubscriptionStatus,
     Suppression,
     sections_key,
@@ -1091,9 +1092,22 @@ def _check_utf8(slices: Iterable[bytes | memoryview], source: str) -> None:
 # --- preferences ---
 
 
+def subscription_for_token(session: Session, token: str) -> Subscription | None:
+    """The subscription a (verified) link token names: its own token, or the token of a
+    subscription merged into it (migration 0011), as links already mailed carry it."""
+    sub = session.scalar(select(Subscription).where(Subscription.token == token))
+    if sub is None:
+        sub = session.scalar(
+            select(Subscription)
+            .join(SubscriptionAlias, SubscriptionAlias.subscription_id == Subscription.id)
+            .where(SubscriptionAlias.token == token)
+        )
+    return sub
+
+
 def subscription_by_token(session: Session, token: str) -> Subscription:
     """The subscription a (verified) link token names."""
-    sub = session.scalar(select(Subscription).where(Subscription.token == token))
+    sub = subscription_for_token(session, token)
     if sub is None:
         raise NotFound("this link does not match any subscription")
     return sub

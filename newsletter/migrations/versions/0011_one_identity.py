@@ -12,7 +12,9 @@ keeps the form the reader typed, for display and the envelope.
 Readers that are case variants of one another are merged first, one group at a time, by the
 rules of newsletter.identity.plan_merge: the earliest reader stays; on each list the
 earliest subscription stays, with the most restrictive status and the earliest consent; the
-other subscriptions go and their bounce events name the one that stays; events and
+other subscriptions go, their tokens become aliases of the one that stays (so that links
+already mailed, unsubscribe above all, go on working: `subscription_aliases`), and their
+bounce events name the one that stays; events and
 deliveries are re-pointed to the reader that stays (a delivery of an issue the survivor
 has a delivery of too keeps no reader, as after an erasure). Each merge writes a `merged`
 event and a log line of ids and counts (never an address).
@@ -75,6 +77,9 @@ events = sa.table(
     sa.column("list_id", sa.Integer),
     sa.column("detail", sa.String),
 )
+aliases = sa.table(
+    "subscription_aliases", sa.column("token", sa.String), sa.column("subscription_id", BIG)
+)
 bounce_events = sa.table("bounce_events", sa.column("id", BIG), sa.column("subscription_id", BIG))
 
 # The trigger of migration 0006 that refuses moving a subscription: a merge moves some,
@@ -119,7 +124,16 @@ def _merge_group(conn: sa.Connection, ids: list[int]) -> str:
         )
     ]
     plan = plan_merge(readers, subs)
+    tokens: dict[int, str] = dict(
+        conn.execute(
+            sa.text("SELECT id, token FROM subscriptions WHERE subscriber_id IN :ids").bindparams(
+                sa.bindparam("ids", expanding=True)
+            ),
+            {"ids": ids},
+        ).all()
+    )
     for gone, stays in plan.dropped:
+        conn.execute(aliases.insert().values(token=tokens[gone], subscription_id=stays))
         conn.execute(
             bounce_events.update()
             .where(bounce_events.c.subscription_id == gone)
@@ -209,6 +223,26 @@ def upgrade() -> None:
     conn = op.get_bind()
     sqlite = conn.dialect.name == "sqlite"
     key_type = "VARCHAR(320)" if sqlite else 'VARCHAR(320) COLLATE "C"'
+    big = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+    op.create_table(
+        "subscription_aliases",
+        sa.Column(
+            "token",
+            sa.String(64).with_variant(sa.String(64, collation="C"), "postgresql"),
+            nullable=False,
+        ),
+        sa.Column("subscription_id", big, nullable=False),
+        sa.ForeignKeyConstraint(
+            ["subscription_id"],
+            ["subscriptions.id"],
+            name="fk_subscription_aliases_subscription_id_subscriptions",
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("token", name="pk_subscription_aliases"),
+    )
+    op.create_index(
+        "ix_subscription_aliases_subscription_id", "subscription_aliases", ["subscription_id"]
+    )
     op.execute(f"ALTER TABLE subscribers ADD COLUMN email_key {key_type}")
     merged = merge_case_variants(conn)
     for line in merged[:LOGGED]:
@@ -234,6 +268,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     # The merges are not undone: the readers they joined were one person.
+    op.drop_table("subscription_aliases")
     if op.get_bind().dialect.name == "sqlite":
         op.execute("DROP INDEX uq_subscribers_email_key")
         op.execute("ALTER TABLE subscribers DROP COLUMN email_key")
