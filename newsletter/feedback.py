@@ -52,7 +52,8 @@ from newsletter.models import (
     SubscriptionStatus,
 )
 from newsletter.provenance import MessageIds, claimed_delivery
-from newsletter.subscriptions import set_status, subscription_for_token
+from newsletter.readers import subscription_for_token
+from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
 _CLAIMED_DELIVERY = re.compile(r"<d(\d{1,18})\.")

@@ -43,13 +43,13 @@ from newsletter.models import (
     MailingList,
     Subscriber,
     Subscription,
-    SubscriptionAlias,
     SubscriptionStatus,
     Suppression,
     sections_key,
     sections_of,
     utcnow,
 )
+from newsletter.readers import find_subscriber, subscription_for_token
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -133,12 +133,6 @@ def list_counts(session: Session) -> list[tuple[MailingList, dict[str, int]]]:
 
 
 # --- single subscriber ---
-
-
-def find_subscriber(session: Session, email: str) -> Subscriber | None:
-    """The reader whose identity this (normalised) address is, whatever its case: one
-    probe of the unique index on email_key."""
-    return session.scalar(select(Subscriber).where(Subscriber.email_key == address_key(email)))
 
 
 def is_suppressed(session: Session, email: str, key: str) -> bool:
@@ -1090,19 +1084,6 @@ def _check_utf8(slices: Iterable[bytes | memoryview], source: str) -> None:
 
 
 # --- preferences ---
-
-
-def subscription_for_token(session: Session, token: str) -> Subscription | None:
-    """The subscription a (verified) link token names: its own token, or the token of a
-    subscription merged into it (migration 0011), as links already mailed carry it."""
-    sub = session.scalar(select(Subscription).where(Subscription.token == token))
-    if sub is None:
-        sub = session.scalar(
-            select(Subscription)
-            .join(SubscriptionAlias, SubscriptionAlias.subscription_id == Subscription.id)
-            .where(SubscriptionAlias.token == token)
-        )
-    return sub
 
 
 def subscription_by_token(session: Session, token: str) -> Subscription:
