@@ -276,6 +276,19 @@ def parse(raw: bytes, *, verp: Verp | None = None) -> list[FeedbackEvent]:
     ]
 
 
+def smtp_rejection(delivery_id: int, code: int, reply: str) -> FeedbackEvent:
+    """A permanent refusal at RCPT time, in our own words: the event a DSN saying the same
+    would be (5.1.1 hard, 5.2.2 or 5.7.x soft, a bare 550 with "user unknown" hard, ...),
+    about the delivery that drew it. Never unknown: a refusal we cannot read is hard, as
+    the SMTP code says."""
+    text = _one_line(f"{code} {reply}")
+    status = _status("", text)
+    kind = _classify(status, text) or EventType.HARD_BOUNCE
+    return FeedbackEvent(
+        kind, "smtp", f"smtp:{delivery_id}", delivery_id=delivery_id, status=status, diagnostic=text
+    )
+
+
 # --- the parsers ---------------------------------------------------------------------------------
 
 

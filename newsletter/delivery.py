@@ -56,7 +56,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.addresses import domain_of, parse_from_address
 from newsletter.errors import Conflict, NotFound
-from newsletter.feedback import issue_feedback
+from newsletter.feedback import apply_rejection
+from newsletter.feedback_figures import FeedbackPolicy, issue_feedback
 from newsletter.message import CompiledMessage, IssueMessageSpec, Recipient, format_date
 from newsletter.message import make_message_id as _make_message_id
 from newsletter.models import (
@@ -76,7 +77,6 @@ from newsletter.models import (
 from newsletter.placeholders import Markers
 from newsletter.provenance import MessageIds
 from newsletter.ratelimit import Throttle
-from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, link
 from newsletter.transport import Outcome, SendResult, Transport, TransportSession, session_of
 
@@ -105,6 +105,8 @@ class DeliveryPolicy:
     max_consecutive_failures: int = 50
     # How soon a worker in the middle of a batch notices a pause or a cancel.
     status_check_seconds: float = 1.0
+    # What a refusal at RCPT does to the reader: the same policy as a returned DSN.
+    feedback: FeedbackPolicy = field(default_factory=FeedbackPolicy)
 
     def backoff(self, attempts: int) -> float:
         """Exponential with full jitter in its upper half: spreads retries of a batch."""
@@ -981,16 +983,6 @@ def note_outcome(
     return True
 
 
-def _bounce(session: Session, list_id: int, delivery: ClaimedDelivery, outcome: SendResult) -> None:
-    sub = session.scalar(
-        select(Subscription).where(
-            Subscription.token == delivery.token, Subscription.list_id == list_id
-        )
-    )
-    if sub is not None:
-        set_status(session, sub, SubscriptionStatus.BOUNCED, "bounce")
-
-
 @dataclass
 class BatchReport:
     issue_id: int
@@ -1057,7 +1049,6 @@ class _BatchSender:
         self.report = report
         self.lease = BatchLease(sessions, batch, claimed, policy)
         self.started_at: datetime | None = None
-        self.list_id: int | None = None
         self.untried = 0  # index of the first delivery not yet handed to the transport
         # A success resets the issue's consecutive-failure count. Writing that on every
         # message is a hot-row UPDATE per message; it is needed only after a failure this
@@ -1099,7 +1090,6 @@ class _BatchSender:
         self.started_at = self.session.scalar(
             select(Issue.send_started_at).where(Issue.id == issue_id)
         )
-        self.list_id = self.session.scalar(select(Issue.list_id).where(Issue.id == issue_id))
         self.session.commit()
         return prepared
 
@@ -1287,8 +1277,14 @@ class _BatchSender:
                         )
                     paused = False
                     if status is not None:
-                        if outcome.hard_bounce and self.list_id is not None:
-                            _bounce(session, self.list_id, delivery, outcome)
+                        if outcome.hard_bounce:  # the DSN policy (newsletter.feedback)
+                            apply_rejection(
+                                session,
+                                delivery.id,
+                                outcome.code,
+                                outcome.reply,
+                                policy=self.policy.feedback,
+                            )
                         failed = status is not DeliveryStatus.SENT
                         if counted and (failed or self._reset_wanted()):
                             paused = note_outcome(

@@ -4,10 +4,11 @@ The events come from :mod:`newsletter.bounces` (pure); this module finds whom th
 and decides, inside the caller's transaction (it flushes, never commits):
 
 * one hard bounce suppresses the address at once: every active or pending subscription of
-  the subscriber becomes ``bounced`` (the address does not work, whatever the list);
-* one complaint suppresses at once the list it was about (``complained``), every list when
-  the report does not say which; and a send whose complaint rate passes
-  ``FeedbackPolicy.complaint_pause_rate`` (0.3 %, the Gmail and Yahoo ceiling) pauses itself;
+  the subscriber becomes ``bounced`` (the address does not work, whatever the list), whether
+  a DSN reported it or our own SMTP connection drew a 5xx at RCPT (:func:`apply_rejection`);
+* one complaint suppresses the address at once on every list (``complained``); and a send
+  whose rate of verified complaints passes ``FeedbackPolicy.complaint_pause_rate`` (0.3 %,
+  the Gmail and Yahoo ceiling) pauses itself (:mod:`newsletter.feedback_figures`);
 * soft bounces count, per subscription; the ``soft_bounce_limit``-th (5) without a delivery
   in between suppresses (``bounced``). A delivery in between means a later message to the
   reader that was sent and drew no bounce, or a positive DSN; either resets the count;
@@ -27,25 +28,28 @@ Every status change goes through :func:`newsletter.subscriptions.set_status`.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
 
-from sqlalchemy import Table, and_, exists, func, select
+from sqlalchemy import and_, exists, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from newsletter.addresses import address_key
-from newsletter.bounces import EventType, FeedbackEvent, Verp, parse, redact
+from newsletter.bounces import EventType, FeedbackEvent, Verp, parse, redact, smtp_rejection
+from newsletter.feedback_figures import (
+    FeedbackPolicy,
+    Outcome,
+    complaint_rate_exceeded,
+    pause_for_complaints,
+)
 from newsletter.models import (
     BounceEvent,
     Delivery,
     DeliveryStatus,
     Issue,
-    IssueStatus,
     MailingList,
     Subscriber,
     Subscription,
@@ -57,27 +61,6 @@ from newsletter.subscriptions import set_status
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
 _CLAIMED_DELIVERY = re.compile(r"<d(\d{1,18})\.")
-
-
-class Outcome(enum.StrEnum):
-    """What applying one event did."""
-
-    SUPPRESSED = "suppressed"  # a subscription became bounced or complained
-    COUNTED = "counted"  # a soft bounce was counted, below the limit
-    UNSUBSCRIBED = "unsubscribed"  # the mailto unsubscribe took effect
-    RESET = "reset"  # a positive DSN reset the soft-bounce count
-    UNCHANGED = "unchanged"  # understood and matched, but already in that state
-    DUPLICATE = "duplicate"  # the same event was applied before
-    UNMATCHED = "unmatched"  # about nobody we know (or a token that does not verify)
-    IGNORED = "ignored"  # not actionable: auto-reply, delay warning, unknown mail
-    UNVERIFIED = "unverified"  # proves no message of ours: stored, changes nothing
-
-
-@dataclass(frozen=True)
-class FeedbackPolicy:
-    soft_bounce_limit: int = 5
-    complaint_pause_rate: float = 0.003
-    complaint_pause_min: int = 1
 
 
 @dataclass
@@ -197,9 +180,29 @@ def apply_event(
         and target.issue_id is not None
         and complaint_rate_exceeded(session, target.issue_id, policy) is not None
     ):
-        applied.paused_issue = _pause(session, target.issue_id, policy)
+        applied.paused_issue = pause_for_complaints(session, target.issue_id, policy)
     session.flush()
     return applied
+
+
+def apply_rejection(
+    session: Session,
+    delivery_id: int,
+    code: int,
+    reply: str,
+    *,
+    policy: FeedbackPolicy | None = None,
+) -> AppliedEvent:
+    """A 5xx our own SMTP connection drew at RCPT time: the same policy as a DSN saying the
+    same (bounces.smtp_rejection), recorded as an event of the delivery's issue (so a DSN
+    about the same delivery later is a duplicate), acting on every list as a hard bounce
+    does. Flushes, no commit."""
+    event = smtp_rejection(delivery_id, code, reply)
+    delivery = session.get(Delivery, delivery_id)
+    if delivery is None:
+        return AppliedEvent(event, Outcome.UNMATCHED)
+    target = _delivery_target(session, delivery)
+    return apply_event(session, event, target=target, policy=policy, source="smtp")
 
 
 # --- whom an event is about ----------------------------------------------------------------------
@@ -221,10 +224,7 @@ def _find_target(
     if delivery is None and event.message_id:
         delivery = _delivery_by_message_id(session, event.message_id, message_ids)
     if delivery is not None:
-        if delivery.subscriber_id is None:  # erased since: about nobody
-            return Target(None, None, delivery.issue_id, delivery.id)
-        list_id = session.scalar(select(Issue.list_id).where(Issue.id == delivery.issue_id))
-        return Target(delivery.subscriber_id, list_id, delivery.issue_id, delivery.id)
+        return _delivery_target(session, delivery)
     if event.unsubscribe_token and (event.type is EventType.UNSUBSCRIBE or trusted):
         sub = _subscription_by_signed_token(session, signer, event.unsubscribe_token)
         if sub is not None:
@@ -237,6 +237,13 @@ def _find_target(
             return Target(subscriber_id, _list_by_list_id(session, event.list_id), None, None)
         return _NOBODY
     return Target(None, None, _claimed_issue(session, event), None, verified=False)
+
+
+def _delivery_target(session: Session, delivery: Delivery) -> Target:
+    if delivery.subscriber_id is None:  # erased since: about nobody
+        return Target(None, None, delivery.issue_id, delivery.id)
+    list_id = session.scalar(select(Issue.list_id).where(Issue.id == delivery.issue_id))
+    return Target(delivery.subscriber_id, list_id, delivery.issue_id, delivery.id)
 
 
 def _subscriber_by_address(session: Session, address: str | None) -> int | None:
@@ -359,10 +366,10 @@ def _list_by_list_id(session: Session, list_id: str | None) -> int | None:
 
 
 def _subscriptions(session: Session, target: Target, kind: EventType) -> list[Subscription]:
-    """The subscriptions an event acts on: the list's, or (hard bounces, and reports that do
-    not say which list) every one of the subscriber's."""
+    """The subscriptions an event acts on: the list's, or (hard bounces, complaints, and
+    reports that do not say which list) every one of the subscriber's."""
     query = select(Subscription).where(Subscription.subscriber_id == target.subscriber_id)
-    if target.list_id is not None and kind is not EventType.HARD_BOUNCE:
+    if target.list_id is not None and kind not in _EVERY_LIST:
         query = query.where(Subscription.list_id == target.list_id)
     return list(session.scalars(query.order_by(Subscription.id)))
 
@@ -379,6 +386,8 @@ def _event_key(event: FeedbackEvent, target: Target) -> str:
 # --- the policy ----------------------------------------------------------------------------------
 
 _LIVE = (SubscriptionStatus.ACTIVE, SubscriptionStatus.PENDING)
+# The address does not work, or its owner called our mail spam: no list of ours mails it.
+_EVERY_LIST = (EventType.HARD_BOUNCE, EventType.COMPLAINT)
 
 
 def _hard_bounce(
@@ -511,92 +520,3 @@ def _delivered_since_last_soft_bounce(
         .limit(1)
     )
     return between is not None
-
-
-# --- per-issue figures and the complaint brake ---------------------------------------------------
-
-
-def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) -> dict[str, Any]:
-    """Bounce and complaint counts of one issue and their rates over the messages sent:
-    ``{"sent", "hard_bounces", "soft_bounces", "complaints", "unsubscribes",
-    "unverified_reports", "hard_bounce_rate", "complaint_rate"}``; the counts and rates are
-    of verified reports only, ``unverified_reports`` counts the others that claim it. Pass
-    `sent` when it is known (issue_status has it from the batch counts): counting it is a
-    scan of the issue's sent deliveries."""
-    events = cast(Table, BounceEvent.__table__).c  # Core: see delivery.issue_status
-    rows = session.execute(
-        select(events.kind, events.outcome, func.count())
-        .where(
-            events.issue_id == issue_id,
-            events.outcome.not_in((Outcome.DUPLICATE.value, Outcome.IGNORED.value)),
-        )
-        .group_by(events.kind, events.outcome)
-    ).all()
-    by_kind: dict[str, int] = {}
-    unverified = 0
-    for kind, outcome, n in rows:
-        if outcome == Outcome.UNVERIFIED.value:
-            unverified += n
-        else:
-            by_kind[kind] = by_kind.get(kind, 0) + n
-    if sent is None:
-        sent = _sent(session, issue_id)
-    figures: dict[str, Any] = {
-        "sent": sent,
-        "hard_bounces": by_kind.get(EventType.HARD_BOUNCE.value, 0),
-        "soft_bounces": by_kind.get(EventType.SOFT_BOUNCE.value, 0),
-        "complaints": by_kind.get(EventType.COMPLAINT.value, 0),
-        "unsubscribes": by_kind.get(EventType.UNSUBSCRIBE.value, 0),
-        "unverified_reports": unverified,
-    }
-    figures["hard_bounce_rate"] = figures["hard_bounces"] / sent if sent else 0.0
-    figures["complaint_rate"] = figures["complaints"] / sent if sent else 0.0
-    return figures
-
-
-def complaint_rate_exceeded(
-    session: Session, issue_id: int, policy: FeedbackPolicy | None = None
-) -> str | None:
-    """Why a sending issue should pause for its complaints, or None when it should not."""
-    policy = policy or FeedbackPolicy()
-    status = session.scalar(select(Issue.status).where(Issue.id == issue_id))
-    if status != IssueStatus.SENDING:
-        return None
-    complaints = session.scalar(
-        select(func.count()).where(
-            BounceEvent.issue_id == issue_id,
-            BounceEvent.kind == EventType.COMPLAINT.value,
-            BounceEvent.outcome.not_in((Outcome.DUPLICATE.value, Outcome.UNVERIFIED.value)),
-        )
-    )
-    sent = _sent(session, issue_id)
-    if not complaints or complaints < policy.complaint_pause_min:
-        return None
-    rate = complaints / max(sent, 1)
-    if rate <= policy.complaint_pause_rate:
-        return None
-    return (
-        f"paused: complaint rate {rate:.2%} passed {policy.complaint_pause_rate:.1%} "
-        f"({complaints} complaint(s) for {sent} sent)"
-    )
-
-
-def _pause(session: Session, issue_id: int, policy: FeedbackPolicy) -> bool:
-    from newsletter.delivery import pause_issue  # delivery may import this module
-
-    reason = complaint_rate_exceeded(session, issue_id, policy)
-    if reason is None:
-        return False
-    pause_issue(session, issue_id, reason=reason)
-    return True
-
-
-def _sent(session: Session, issue_id: int) -> int:
-    return (
-        session.scalar(
-            select(func.count()).where(
-                Delivery.issue_id == issue_id, Delivery.status == DeliveryStatus.SENT
-            )
-        )
-        or 0
-    )

@@ -67,6 +67,7 @@ class Runtime:
             retry_max_seconds=s.retry_max_seconds,
             retry_deadline=timedelta(hours=s.retry_deadline_hours),
             max_consecutive_failures=s.max_consecutive_failures,
+            feedback=self.feedback_policy,
         )
 
     @cached_property

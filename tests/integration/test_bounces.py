@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from newsletter import delivery, feedback, issues, subscriptions
+from newsletter import delivery, feedback, feedback_figures, issues, subscriptions
 from newsletter.bounces import EventType, Verp
 from newsletter.feedback import AppliedEvent, FeedbackPolicy, Outcome
 from newsletter.models import (
@@ -219,7 +219,7 @@ def test_a_positive_dsn_resets_the_soft_bounce_count(rt: Runtime) -> None:
     assert state(rt, email) == (SubscriptionStatus.ACTIVE, 0)
 
 
-def test_a_complaint_suppresses_only_the_list_it_was_about(rt: Runtime) -> None:
+def test_a_complaint_suppresses_every_list(rt: Runtime) -> None:
     issue_id = seed_world(rt, confirmed=2)
     email = "reader1@example.org"
     with rt.sessions() as s, s.begin():
@@ -231,7 +231,8 @@ def test_a_complaint_suppresses_only_the_list_it_was_about(rt: Runtime) -> None:
         (EventType.COMPLAINT, Outcome.SUPPRESSED)
     ]
     assert state(rt, email, "world") == (SubscriptionStatus.COMPLAINED, 0)
-    assert state(rt, email, "science") == (SubscriptionStatus.ACTIVE, 0)
+    assert state(rt, email, "science") == (SubscriptionStatus.COMPLAINED, 0)
+    assert state(rt, "reader0@example.org", "world") == (SubscriptionStatus.ACTIVE, 0)
 
 
 def test_a_hard_bounce_suppresses_the_address_on_every_list(rt: Runtime) -> None:
@@ -310,7 +311,7 @@ def test_complaints_over_the_rate_pause_the_send(rt: Runtime, smtp_server: SmtpS
     assert applied[0].paused_issue
     with rt.sessions() as s:
         status = delivery.issue_status(s, issue_id)
-        figures = feedback.issue_feedback(s, issue_id)
+        figures = feedback_figures.issue_feedback(s, issue_id)
     assert status["status"] == IssueStatus.PAUSED.value
     assert "complaint rate 20.00%" in status["reason"]
     assert figures["complaints"] == 1 and figures["sent"] == 5
@@ -333,7 +334,7 @@ def test_one_complaint_in_a_large_send_does_not_pause_it(rt: Runtime) -> None:
         )
     with rt.sessions() as s, s.begin():
         policy = FeedbackPolicy(complaint_pause_rate=0.3)
-        assert feedback.complaint_rate_exceeded(s, issue_id, policy) is None
+        assert feedback_figures.complaint_rate_exceeded(s, issue_id, policy) is None
 
 
 def test_cli_ingests_files_and_issue_status_shows_the_figures(

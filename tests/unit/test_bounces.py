@@ -17,6 +17,7 @@ from newsletter.bounces import (
     _classify,
     parse,
     redact,
+    smtp_rejection,
 )
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "bounces"
@@ -220,3 +221,37 @@ def test_stored_details_keep_no_address() -> None:
         redact("550 5.1.1 <ann@example.com>: User unknown") == "550 5.1.1 <<address>>: User unknown"
     )
     assert redact(None) is None
+
+
+# --- a refusal at RCPT, in the same words as a DSN ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "reply", "kind", "status"),
+    [
+        (550, "5.1.1 <a@example.org>: Recipient address rejected: User unknown", "hard", "5.1.1"),
+        (550, "User unknown in virtual mailbox table", "hard", None),
+        (554, "delivery error: dd This user doesn't have a yahoo.com account", "hard", None),
+        (553, "sorry, that domain isn't in my list of allowed rcpthosts", "hard", None),
+        (550, "5.2.2 mailbox full", "soft", "5.2.2"),
+        (550, "5.7.1 Service unavailable; client host blocked using Spamhaus", "soft", "5.7.1"),
+        (551, "not local", "hard", None),
+        (550, "no", "hard", None),  # unreadable: hard, as the code says
+    ],
+)
+def test_an_rcpt_refusal_is_classified_as_a_dsn_saying_the_same_would_be(
+    code: int, reply: str, kind: str, status: str | None
+) -> None:
+    event = smtp_rejection(41, code, reply)
+    expected = EventType.HARD_BOUNCE if kind == "hard" else EventType.SOFT_BOUNCE
+    assert event.type is expected
+    assert event.status == status
+    assert (event.source, event.report_id, event.delivery_id) == ("smtp", "smtp:41", 41)
+    assert event.diagnostic == f"{code} {reply}"
+    assert event.actionable
+
+
+def test_an_rcpt_refusal_keeps_one_line_of_diagnostic() -> None:
+    event = smtp_rejection(7, 550, "5.1.1 line one\r\n  line two " + "x" * 600)
+    assert event.diagnostic is not None
+    assert "\n" not in event.diagnostic and len(event.diagnostic) == 500
