@@ -25,6 +25,7 @@ from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.message import HeaderValueError
 from newsletter.models import Article, Issue, MailingList, SubscriptionStatus
 from newsletter.runtime import Runtime
+from newsletter.transport import erase_from_outbox
 
 app = typer.Typer(
     help="Self-hosted newsletter delivery.",
@@ -275,12 +276,18 @@ def subs_unsubscribe(email: str, list_slug: ListOpt) -> None:
 
 @subs_app.command("erase")
 def subs_erase(email: str) -> None:
-    """Erase an address's personal data; a keyed hash keeps it from being re-added."""
+    """Erase an address's personal data everywhere (database, outbox); a keyed hash keeps it
+    out until the reader signs up again through the subscribe form and confirms."""
     with transaction() as s:
         n = subscriptions.erase_subscriber(
             s, email, suppression_key=rt().suppression_key, source="operator"
         )
-    typer.echo(f"erased {email.strip()} ({n} subscription(s)); the address is now suppressed")
+    files = erase_from_outbox(rt().settings.outbox_dir, email.strip())
+    # The address itself is not repeated: this output may end up in a log.
+    typer.echo(
+        f"erased 1 reader ({n} subscription(s), {files} outbox file(s)); "
+        "the address is now suppressed"
+    )
 
 
 # --- articles ---
@@ -678,11 +685,11 @@ def bounces_ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply returned mail: DSN bounces, ARF complaints, mails to the unsubscribe address."""
-    from newsletter import bounces, feedback
+    from newsletter import feedback
 
     r = rt()
     st = r.settings
-    verp = bounces.Verp(st.bounce_domain, st.secret_keys) if st.bounce_domain else None
+    verp = r.verp
     policy = feedback.FeedbackPolicy(
         soft_bounce_limit=st.soft_bounce_limit,
         complaint_pause_rate=st.complaint_pause_rate,

@@ -77,6 +77,7 @@ from newsletter.models import (
 from newsletter.placeholders import Markers
 from newsletter.provenance import MessageIds
 from newsletter.ratelimit import Throttle
+from newsletter.suppression import suppressed_among
 from newsletter.tokens import LinkSigner, Purpose, link
 from newsletter.transport import Outcome, SendResult, Transport, TransportSession, session_of
 
@@ -107,6 +108,9 @@ class DeliveryPolicy:
     status_check_seconds: float = 1.0
     # What a refusal at RCPT does to the reader: the same policy as a returned DSN.
     feedback: FeedbackPolicy = field(default_factory=FeedbackPolicy)
+    # The suppression store's key (newsletter.suppression): a claim skips suppressed
+    # addresses, even those frozen before they were suppressed. None: no such check.
+    suppression_key: str | None = field(default=None, repr=False)
 
     def backoff(self, attempts: int) -> float:
         """Exponential with full jitter in its upper half: spreads retries of a batch."""
@@ -524,6 +528,15 @@ def claim_batch(
             ready.append(
                 ClaimedDelivery(delivery_id, email, name, token, variant_id, attempts, lease)
             )
+    if policy.suppression_key is not None and ready:
+        barred = suppressed_among(session, [d.email for d in ready], policy.suppression_key)
+        if barred:
+            skipped += [
+                {"b_id": d.id, "reason": "address suppressed before send"}
+                for d in ready
+                if d.email in barred
+            ]
+            ready = [d for d in ready if d.email not in barred]
     if skipped:
         session.execute(
             update(DELIVERIES)

@@ -193,6 +193,16 @@ class Suppression(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class KeyringEntry(Base):
+    """A key that outlives SECRET_KEY's rotations, sealed under it (newsletter.keyring)."""
+
+    __tablename__ = "keyring"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    sealed: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Event(Base):
     """Append-only log of subscription changes: what changed, when, and through what.
 

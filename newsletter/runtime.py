@@ -21,9 +21,10 @@ from newsletter.db import make_engine, make_sessionmaker
 from newsletter.delivery import DeliveryPolicy, IssueCache, Links
 from newsletter.dkim import DkimSigner, signer_from_settings
 from newsletter.feedback import FeedbackPolicy
-from newsletter.keys import derive_all
+from newsletter.keys import derive, derive_all
 from newsletter.provenance import MessageIds
 from newsletter.ratelimit import Throttle, make_throttle
+from newsletter.suppression import load_key as load_suppression_key
 from newsletter.tokens import LinkSigner
 from newsletter.transport import OutboxTransport, SmtpTransport, Transport
 
@@ -50,8 +51,11 @@ class Runtime:
 
     @cached_property
     def links(self) -> Links:
+        """Signed with the derived links key; links signed with the raw keys before keys
+        were derived per purpose still verify, so mail already sent keeps working."""
         keys = self.settings.secret_keys
-        return Links(self.settings.base_url, LinkSigner(keys), self.message_ids)
+        signer = LinkSigner([*derive_all(keys, "links"), *keys])
+        return Links(self.settings.base_url, signer, self.message_ids)
 
     @cached_property
     def message_ids(self) -> MessageIds:
@@ -62,6 +66,7 @@ class Runtime:
     def policy(self) -> DeliveryPolicy:
         s = self.settings
         return DeliveryPolicy(
+            suppression_key=self.suppression_key,
             lease_seconds=s.lease_seconds,
             retry_base_seconds=s.retry_base_seconds,
             retry_max_seconds=s.retry_max_seconds,
@@ -76,9 +81,16 @@ class Runtime:
 
         return make_environment(self.settings.templates_dir)
 
-    @property
+    @cached_property
     def suppression_key(self) -> str:
-        return self.settings.secret_keys[0]
+        """The suppression store's own key, kept in the database sealed under SECRET_KEY, so
+        that a rotation of SECRET_KEY keeps erased addresses out (newsletter.suppression)."""
+        return load_suppression_key(self.sessions, self.settings.secret_keys)
+
+    @cached_property
+    def rate_limit_key(self) -> str:
+        """Keys the hashed addresses of rate-limit counters (short-lived: they may rotate)."""
+        return derive(self.settings.secret_keys[0], "rate-limit")
 
     @cached_property
     def dkim_signer(self) -> DkimSigner | None:
@@ -89,7 +101,7 @@ class Runtime:
     @cached_property
     def verp(self) -> Verp | None:
         s = self.settings
-        return Verp(s.bounce_domain, s.secret_keys) if s.bounce_domain else None
+        return verp_from_settings(s)
 
     @cached_property
     def feedback_policy(self) -> FeedbackPolicy:
@@ -118,3 +130,11 @@ class Runtime:
     def throttle(self) -> Throttle | None:
         s = self.settings
         return make_throttle(s.rate_limit, s.domain_limits, broker_url=s.broker_url)
+
+
+def verp_from_settings(s: Settings) -> Verp | None:
+    """VERP addresses MAC'd with the derived VERP key; those of mail sent before keys were
+    derived per purpose (MAC'd with the raw keys) still verify."""
+    if not s.bounce_domain:
+        return None
+    return Verp(s.bounce_domain, [*derive_all(s.secret_keys, "verp"), *s.secret_keys])

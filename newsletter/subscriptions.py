@@ -10,7 +10,6 @@ import base64
 import codecs
 import csv
 import hashlib
-import hmac
 import io
 import multiprocessing
 import os
@@ -34,6 +33,7 @@ from newsletter.addresses import (
     normalize_email,
     parse_from_address,
 )
+from newsletter.erasure import forget_address
 from newsletter.errors import Conflict, InvalidInput, NotFound
 from newsletter.models import (
     Article,
@@ -44,12 +44,20 @@ from newsletter.models import (
     Subscriber,
     Subscription,
     SubscriptionStatus,
-    Suppression,
     sections_key,
     sections_of,
     utcnow,
 )
 from newsletter.readers import find_subscriber, subscription_for_token
+from newsletter.suppression import (
+    ERASED,
+    SUPPRESSED_ROW,
+    lift,
+    reason_for,
+    refusal,
+    suppress,
+)
+from newsletter.suppression import suppression_hash as suppression_hash  # re-exported
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -57,11 +65,6 @@ SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 def new_token() -> str:
     """The opaque per-subscription value that links carry (signed) instead of an address."""
     return secrets.token_urlsafe(16)
-
-
-def suppression_hash(email: str, key: str) -> str:
-    """Keyed hash kept after erasure, so that the address stays out without being stored."""
-    return hmac.new(key.encode(), email.lower().encode(), hashlib.sha256).hexdigest()
 
 
 def log_event(
@@ -135,11 +138,6 @@ def list_counts(session: Session) -> list[tuple[MailingList, dict[str, int]]]:
 # --- single subscriber ---
 
 
-def is_suppressed(session: Session, email: str, key: str) -> bool:
-    h = suppression_hash(email, key)
-    return session.scalar(select(Suppression.id).where(Suppression.email_hash == h)) is not None
-
-
 def add_subscriber(
     session: Session,
     email: str,
@@ -159,8 +157,9 @@ def add_subscriber(
     address = normalize_email(email)
     if name is not None:
         name = check_text(name.strip(), "name") or None
-    if is_suppressed(session, address, suppression_key):
-        raise Conflict(f"{address} was erased or suppressed and cannot be added again")
+    suppressed = reason_for(session, address, suppression_key)
+    if suppressed is not None:
+        raise Conflict(refusal(address, suppressed))
     subscriber = find_subscriber(session, address)
     if subscriber is None:
         subscriber = Subscriber(email=address, name=name)
@@ -268,14 +267,14 @@ def erase_subscriber(session: Session, email: str, *, suppression_key: str, sour
     subscriber = find_subscriber(session, address)
     if subscriber is None:
         raise NotFound(f"{address} is not a subscriber")
-    h = suppression_hash(address, suppression_key)
-    if session.scalar(select(Suppression.id).where(Suppression.email_hash == h)) is None:
-        session.add(Suppression(email_hash=h, reason="erased"))
+    suppress(session, address, suppression_key, ERASED)
     n = len(
         session.scalars(
             select(Subscription.id).where(Subscription.subscriber_id == subscriber.id)
         ).all()
     )
+    # Replies, errors, reasons and event details that quote the address lose it.
+    forget_address(session, address, [subscriber.id])
     log_event(session, "erased", source, subscriber_id=None, list_id=None)
     session.delete(subscriber)  # subscriptions cascade; deliveries and events keep no link
     session.flush()
@@ -805,7 +804,7 @@ def _bulk_import(
         "DELETE FROM nl_import WHERE email_hash IN (SELECT email_hash FROM suppressions) "
         "RETURNING line"
     ).all()
-    rejected.extend((line, "address was erased or suppressed") for (line,) in suppressed)
+    rejected.extend((line, SUPPRESSED_ROW) for (line,) in suppressed)
 
     # A repeated reader: the first row counts. A row repeating an earlier one exactly is
     # rejected; one in another capitalisation is the same reader, folded into it.
@@ -1156,6 +1155,13 @@ def set_preferences(
 # --- the public subscribe form (double opt-in) ---
 
 
+def lift_suppression(session: Session, sub: Subscription, *, suppression_key: str) -> bool:
+    """A pending subscription is being confirmed by its reader's link: a new consent, which
+    lets an erased or suppressed address in again. True if it was suppressed."""
+    person = session.get(Subscriber, sub.subscriber_id)
+    return person is not None and lift(session, person.email, suppression_key)
+
+
 def request_subscription(
     session: Session,
     list_slug: str,
@@ -1169,7 +1175,8 @@ def request_subscription(
     """Record a reader's request to join a list; confirmation by link comes later.
 
     Returns the subscription a confirmation email should go to, or None when none should:
-    the address is already active, complained, or was erased. The caller answers the same
+    the address is already active or complained. An erased address gets one: confirming it
+    is the new consent that lets the address back in. The caller answers the same
     in every case, so the form cannot tell who subscribes. Nothing that a stranger could
     abuse changes: an existing reader's name is never touched, and a reader who left stays
     out until they confirm the new link (only their section choice is recorded).
@@ -1180,8 +1187,8 @@ def request_subscription(
         name = check_text(name.strip(), "name") or None
     for section in sections or []:
         check_text(section, "section")
-    if is_suppressed(session, address, suppression_key):
-        return None
+    # An erased or suppressed address may ask again: this is the new consent that lets it
+    # back in, once confirmed by link (the confirmation lifts the suppression).
     subscriber = find_subscriber(session, address)
     if subscriber is None:
         subscriber = Subscriber(email=address, name=name)

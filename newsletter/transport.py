@@ -396,3 +396,32 @@ class OutboxSession:
 
     def close(self) -> None:
         return None
+
+
+_HEAD_BYTES = 64 * 1024  # of a file read for its headers (a message's headers are far less)
+
+
+def erase_from_outbox(directory: Path, address: str) -> int:
+    """Delete every outbox file addressed to `address` (in any case): in new/ and cur/, and
+    in tmp/ a file a crash left half-written. Addressed: its headers (Delivered-To, To)
+    name it. Returns how many went; a directory that is not there holds none."""
+    needle = address.lower().encode()
+    removed = 0
+    for sub in ("tmp", "new", "cur"):
+        folder = Path(directory) / sub
+        if not folder.is_dir():
+            continue
+        for entry in os.scandir(folder):
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            try:
+                with open(entry.path, "rb") as fh:
+                    head = fh.read(_HEAD_BYTES)
+            except FileNotFoundError:  # moved or removed meanwhile (a mail client)
+                continue
+            end = head.find(b"\r\n\r\n")
+            if needle in (head if end < 0 else head[:end]).lower():
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+    return removed

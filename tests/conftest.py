@@ -43,7 +43,7 @@ REQUIRE = os.environ.get("NEWSLETTER_REQUIRE_SERVICES") == "1"
 
 TABLES = (
     "deliveries, batches, issue_articles, issues, articles, events, subscriptions, "
-    "subscribers, suppressions, lists, subscription_aliases"
+    "subscribers, suppressions, keyring, lists, subscription_aliases"
 )
 
 

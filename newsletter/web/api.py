@@ -24,7 +24,7 @@ from newsletter.addresses import normalize_email
 from newsletter.articles import parse_json
 from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.models import Issue, MailingList, Subscriber, SubscriptionStatus
-from newsletter.transport import Outcome, session_of
+from newsletter.transport import Outcome, erase_from_outbox, session_of
 from newsletter.web.context import WebContext, web_context
 from newsletter.web.ids import IssueId, SubscriptionCursor
 
@@ -236,7 +236,8 @@ def erase(body: EmailIn, ctx: WebContext = Depends(web_context)) -> dict[str, An
         n = subscriptions.erase_subscriber(
             s, body.email, suppression_key=ctx.runtime.suppression_key, source="operator"
         )
-    return {"erased_subscriptions": n, "suppressed": True}
+    files = erase_from_outbox(ctx.runtime.settings.outbox_dir, body.email.strip())
+    return {"erased_subscriptions": n, "erased_outbox_files": files, "suppressed": True}
 
 
 # --- articles ------------------------------------------------------------------------------

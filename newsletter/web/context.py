@@ -84,7 +84,7 @@ class WebContext:
     def address_key(self, address: str) -> str:
         """A keyed hash of an address's identity (addresses.address_key: every capitalisation
         is one reader), for rate-limit keys (no address leaves the database)."""
-        key = self.runtime.suppression_key.encode()
+        key = self.runtime.rate_limit_key.encode()
         return hmac.new(key, address_key(address).encode(), hashlib.sha256).hexdigest()[:32]
 
 

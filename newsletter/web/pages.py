@@ -244,6 +244,8 @@ def confirm(signed: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse
         if sub.status != SubscriptionStatus.PENDING:
             left = sub.status != SubscriptionStatus.ACTIVE
             return _confirm_view(s, ctx, signed, sub, sub.status, 409 if left else 200)
+        # The reader's own new consent: an erased or suppressed address is let back in.
+        subscriptions.lift_suppression(s, sub, suppression_key=ctx.runtime.suppression_key)
         subscriptions.set_status(s, sub, SubscriptionStatus.ACTIVE, "page")
         list_name = _list_name(s, sub)
         preferences = ctx.path(Purpose.PREFERENCES, sub.token)

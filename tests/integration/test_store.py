@@ -15,6 +15,7 @@ from newsletter import subscriptions
 from newsletter.errors import Conflict, InvalidInput, NotFound
 from newsletter.models import Event, MailingList, Subscriber, Subscription, SubscriptionStatus
 from newsletter.runtime import Runtime
+from newsletter.suppression import SUPPRESSED_ROW
 
 KEY = "test-secret-key"
 
@@ -184,7 +185,7 @@ def test_erased_address_stays_out_of_later_imports(rt: Runtime) -> None:
     assert count(rt, Subscriber) == 0
     report = do_import(rt, "email\ngone@example.org\n", confirmed=True)
     assert report.imported == 0
-    assert report.rejected == [(2, "address was erased or suppressed")]
+    assert report.rejected == [(2, SUPPRESSED_ROW)]
 
 
 def test_the_event_log_forgets_erased_readers_and_deleted_lists(rt: Runtime) -> None:

@@ -15,6 +15,7 @@ import pytest
 from newsletter import delivery
 from newsletter.models import SubscriptionStatus
 from newsletter.runtime import Runtime
+from newsletter.suppression import SUPPRESSED_ROW
 from tests.conftest import SmtpServer, cli_env, run_cli
 from tests.web.conftest import ADMIN_TOKEN
 from tests.web.helpers import Served, events_of, make_list, settle, subscription_of, wait_for
@@ -187,7 +188,7 @@ def test_subscribers_add_import_page_unsubscribe_erase(
         api(web, "POST", "/subscribers/erase", json={"email": "r2@example.org"}).status_code == 404
     )
     back = api(web, "POST", "/lists/world/subscribers/import", content=b"email\nr2@example.org\n")
-    assert back.json()["rejected"] == [{"line": 2, "reason": "address was erased or suppressed"}]
+    assert back.json()["rejected"] == [{"line": 2, "reason": SUPPRESSED_ROW}]
     refused = api(web, "POST", "/lists/world/subscribers", json={"email": "r2@example.org"})
     assert refused.status_code == 409
 

@@ -73,8 +73,10 @@ def test_the_form_answers_identically_whoever_the_address_is(
         assert answer == first, f"the answer for {who} differs"
 
     settle(smtp_server.recorder)
-    # Confirmations go to whoever can still join, and never to an active, erased or bot address.
+    # Confirmations go to whoever can still join, and never to an active or bot address. An
+    # erased address gets one: confirming it is the new consent that lets it back in.
     assert sorted(smtp_server.recorder.recipients()) == [
+        "erased@example.org",
         "left@example.org",
         "new@example.org",
         "pending@example.org",
