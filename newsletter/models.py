@@ -194,7 +194,8 @@ class Suppression(Base):
 
 
 class KeyringEntry(Base):
-    """A key that outlives SECRET_KEY's rotations, sealed under it (newsletter.keyring)."""
+    """A key that outlives SECRET_KEY's rotations, sealed under it (newsletter.keyring;
+    migration 0011)."""
 
     __tablename__ = "keyring"
 
