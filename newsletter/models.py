@@ -195,7 +195,7 @@ class Suppression(Base):
 
 class KeyringEntry(Base):
     """A key that outlives SECRET_KEY's rotations, sealed under it (newsletter.keyring;
-    migration 0011)."""
+    migration 0012)."""
 
     __tablename__ = "keyring"
 

@@ -76,8 +76,7 @@ def is_suppressed(session: Session, email: str, key: str) -> bool:
 
 def refusal(address: str, reason: str) -> str:
     """The one-line answer to an operator who adds a suppressed address."""
-    said = "was erased" if reason == ERASED else f"is suppressed ({reason})"
-    return f"{address} {said}; {COME_BACK}"
+    return f"{address} was erased or suppressed ({reason}); {COME_BACK}"
 
 
 def suppress(session: Session, email: str, key: str, reason: str) -> None:
