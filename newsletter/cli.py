@@ -85,6 +85,10 @@ def init() -> None:
     """Create or upgrade the database schema."""
     upgrade(rt().engine)
     typer.echo(f"schema is up to date ({rt().engine.url.render_as_string(hide_password=True)})")
+    # Seals the suppression key under SECRET_KEY's newest key (made on first use): after a
+    # rotation, this is the run that lets the old key go (docs/operations.md).
+    if rt().suppression_key:
+        typer.echo("suppression key sealed under SECRET_KEY's first key")
 
 
 @app.command()

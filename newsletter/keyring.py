@@ -56,5 +56,5 @@ def unseal(sealed: str, secret_keys: Sequence[str], purpose: str) -> tuple[str, 
         raise SealedKeyError(
             f"the {purpose} key in the database was sealed under a SECRET_KEY that is no "
             "longer configured; put the previous key back after the new one "
-            "(SECRET_KEY=new,old) and run any command once before dropping it"
+            "(SECRET_KEY=new,old) and run `newsletter init` once before dropping it"
         ) from None
