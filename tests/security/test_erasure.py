@@ -91,6 +91,26 @@ def test_erase_leaves_no_trace_in_the_database_or_the_status(
         assert "vic.tim" not in (shown.stdout + shown.stderr).lower(), shown.stdout
     shown = json.loads(run_cli("issues", "status", str(issue["id"]), "--json", env=env).stdout)
     assert "[erased]" in shown["reason"]  # the reason stays readable, the address is gone
+    # The operator API shows the same status without it.
+    port = free_port()
+    runtime = Runtime(
+        Settings(
+            database_url=pg_url,
+            base_url=f"http://127.0.0.1:{port}",
+            secret_key="test-secret-key",
+            admin_token="admin-token-0123456789",
+        )
+    )
+    try:
+        with serve(create_app(runtime), port) as web:
+            answer = web.client.get(
+                f"/api/issues/{issue['id']}",
+                headers={"Authorization": "Bearer admin-token-0123456789"},
+            )
+    finally:
+        runtime.engine.dispose()
+    assert answer.status_code == 200 and "[erased]" in answer.text
+    assert "vic.tim" not in answer.text.lower()
 
 
 def test_erase_removes_the_readers_mail_from_the_outbox(pg_url: str, tmp_path: Path) -> None:
