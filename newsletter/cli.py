@@ -147,7 +147,10 @@ def lists_show(as_json: JsonOpt = False) -> None:
 def subs_add(
     email: str,
     list_slug: ListOpt,
-    name: Annotated[str | None, typer.Option("--name")] = None,
+    name: Annotated[
+        str | None,
+        typer.Option("--name", help="A new subscriber's name; an existing reader keeps theirs."),
+    ] = None,
     confirmed: Annotated[bool, typer.Option("--confirmed", help="Skip double opt-in.")] = False,
 ) -> None:
     """Add one subscriber (pending unless --confirmed)."""

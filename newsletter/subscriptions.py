@@ -165,8 +165,7 @@ def add_subscriber(
         subscriber = Subscriber(email=address, name=name)
         session.add(subscriber)
         session.flush()
-    elif name:
-        subscriber.name = name
+    # An existing reader keeps their name: only they change it (preferences page).
     sub = session.scalar(
         select(Subscription).where(
             Subscription.subscriber_id == subscriber.id, Subscription.list_id == mlist.id

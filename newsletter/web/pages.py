@@ -92,7 +92,7 @@ def _list_page_data(ctx: WebContext, slug: str) -> tuple[str, list[str]]:
 def subscribe_form(slug: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse:
     """The subscribe form: email, name, sections."""
     list_name, sections = _list_page_data(ctx, slug)
-    return _subscribe_page(ctx, slug, list_name, sections, email="", name="", chosen=None)
+    return _subscribe_page(ctx, slug, list_name, sections, email="", chosen=None)
 
 
 def _subscribe_page(
@@ -102,7 +102,6 @@ def _subscribe_page(
     sections: list[str],
     *,
     email: str,
-    name: str,
     chosen: list[str] | None,
     error: str | None = None,
     status: int = 200,
@@ -116,7 +115,6 @@ def _subscribe_page(
         archive_url=f"/archive/{slug}",
         sections=_sections_view(sections, chosen),
         email=email,
-        name=name,
         error=error,
     )
 
@@ -150,11 +148,13 @@ def _subscribe(
     )
     if form.get(HONEYPOT):
         return done  # a bot filled the hidden field: answer as usual, do nothing
-    raw_email, raw_name = form.get("email").strip(), form.get("name")
+    # No name is kept from here: whoever posts the form may not own the address, so the
+    # reader names themselves on the confirm page (reached only through their mailbox).
+    raw_email = form.get("email").strip()
     chosen = _chosen_sections(form, sections) or None  # nothing ticked: every section
     try:
         address = normalize_email(raw_email)
-        check_text(raw_name.strip(), "name")
+        check_text(form.get("name").strip(), "name")  # an old form's name: refused if bad
     except InvalidInput as exc:
         return _subscribe_page(
             ctx,
@@ -162,7 +162,6 @@ def _subscribe(
             list_name,
             sections,
             email=raw_email[:320],
-            name=raw_name[:200],
             chosen=chosen,
             error=sentence(str(exc)),
             status=400,
@@ -173,7 +172,7 @@ def _subscribe(
                 s,
                 slug,
                 address,
-                name=raw_name,
+                name=None,
                 sections=chosen,
                 suppression_key=ctx.runtime.suppression_key,
                 source="page",
@@ -221,14 +220,20 @@ def _confirm_view(
     sub: Subscription,
     state: SubscriptionStatus,
     status: int = 200,
+    *,
+    typed: str | None = None,
+    error: str | None = None,
 ) -> HTMLResponse:
     list_name = _list_name(s, sub)
+    person = s.get(Subscriber, sub.subscriber_id)
     return ctx.render(
         "confirm.html",
         status=status,
         title=f"Confirm your subscription - {list_name}",
         list_name=list_name,
         state=state.value,
+        name=(typed if typed is not None else (person.name if person else None) or "")[:200],
+        error=error,
         action=f"/confirm/{signed}",
         unsubscribe_action=ctx.path(Purpose.UNSUBSCRIBE, sub.token),
         preferences_url=ctx.path(Purpose.PREFERENCES, sub.token),
@@ -236,14 +241,45 @@ def _confirm_view(
 
 
 @router.post("/confirm/{signed}", response_class=HTMLResponse, tags=["public pages"])
-def confirm(signed: str, ctx: WebContext = Depends(web_context)) -> HTMLResponse:
-    """Activate a pending subscription. Any other status is left as it is (a replayed link
-    never brings back a reader who left, bounced or complained); the page says which."""
+async def confirm(
+    signed: str, request: Request, ctx: WebContext = Depends(web_context)
+) -> HTMLResponse:
+    """Activate a pending subscription, with the name the reader typed on this page (the
+    only place a new reader's name comes from: the link proves they own the mailbox). Any
+    other status is left as it is (a replayed link never brings back a reader who left,
+    bounced or complained); the page says which."""
+    form = await read_form(request)
+    return await run_in_threadpool(_confirm, ctx, signed, form)
+
+
+def _confirm(ctx: WebContext, signed: str, form: Form) -> HTMLResponse:
     with ctx.transaction() as s:
         sub = _by_token(s, ctx, Purpose.CONFIRM, signed)
         if sub.status != SubscriptionStatus.PENDING:
             left = sub.status != SubscriptionStatus.ACTIVE
             return _confirm_view(s, ctx, signed, sub, sub.status, 409 if left else 200)
+        if "name" in form.fields:  # a bare POST (no name field) keeps the stored name
+            try:
+                with s.begin_nested():
+                    subscriptions.set_preferences(
+                        s,
+                        sub,
+                        name=form.get("name"),
+                        sections=subscriptions.chosen_sections(sub),
+                        paused=sub.paused,
+                        source="page",
+                    )
+            except InvalidInput as exc:
+                return _confirm_view(
+                    s,
+                    ctx,
+                    signed,
+                    sub,
+                    sub.status,
+                    400,
+                    typed=form.get("name"),
+                    error=sentence(str(exc)),
+                )
         # The reader's own new consent: an erased or suppressed address is let back in.
         subscriptions.lift_suppression(s, sub, suppression_key=ctx.runtime.suppression_key)
         subscriptions.set_status(s, sub, SubscriptionStatus.ACTIVE, "page")
