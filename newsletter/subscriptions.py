@@ -1177,8 +1177,9 @@ def request_subscription(
     the address is already active or complained. An erased address gets one: confirming it
     is the new consent that lets the address back in. The caller answers the same
     in every case, so the form cannot tell who subscribes. Nothing that a stranger could
-    abuse changes: an existing reader's name is never touched, and a reader who left stays
-    out until they confirm the new link (only their section choice is recorded).
+    abuse changes: no name is kept from a form (the reader names themselves when confirming),
+    and a reader who left stays out until they press "Subscribe again" on the page the new
+    link opens (only their section choice is recorded).
     """
     mlist = get_list(session, list_slug)
     address = normalize_email(email)
