@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     secret_key: SecretStr = SecretStr(DEV_SECRET_KEY)
     admin_token: SecretStr = SecretStr("")
     batch_size: int = Field(default=500, ge=1, le=100_000)
+    # The largest CSV the import endpoint accepts (streamed to a temporary file); beyond: 413.
+    import_max_bytes: int = Field(default=100 * 1024 * 1024, ge=1)
     rate_limit: float = Field(default=0, ge=0)
     # Per destination domain, on top of RATE_LIMIT: "gmail.com=50,yahoo.com=20" (messages per
     # second across all workers; a domain's subdomains share its budget).

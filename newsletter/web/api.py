@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 from datetime import UTC, date, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
@@ -25,6 +26,7 @@ from newsletter.articles import parse_json
 from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.models import Issue, MailingList, Subscriber, SubscriptionStatus
 from newsletter.transport import Outcome, erase_from_outbox, session_of
+from newsletter.web import uploads
 from newsletter.web.context import WebContext, web_context
 from newsletter.web.ids import IssueId, SubscriptionCursor
 
@@ -198,16 +200,20 @@ async def import_subscribers(
     ctx: WebContext = Depends(web_context),
 ) -> dict[str, Any]:
     """Import a CSV (the request body; header row with an `email` column). The report is the
-    CLI's: imported, updated, unchanged, and each rejected line with its reason."""
-    data = await request.body()
-    return await run_in_threadpool(_import, ctx, slug, data, confirmed, strict)
+    CLI's: imported, updated, unchanged, and each rejected line with its reason. The body is
+    streamed to a temporary file and parsed from there; one larger than
+    NEWSLETTER_IMPORT_MAX_BYTES is refused with 413."""
+    path = await uploads.receive_to_file(request, ctx.runtime.settings.import_max_bytes)
+    try:
+        return await run_in_threadpool(_import, ctx, slug, path, confirmed, strict)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _import(
-    ctx: WebContext, slug: str, data: bytes, confirmed: bool, strict: bool
+    ctx: WebContext, slug: str, path: Path, confirmed: bool, strict: bool
 ) -> dict[str, Any]:
-    stream = subscriptions.read_text_stream(data, "body")
-    with ctx.transaction() as s:
+    with subscriptions.open_text_file(path, "body") as stream, ctx.transaction() as s:
         report = subscriptions.import_csv(
             s,
             stream,
