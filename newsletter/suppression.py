@@ -15,7 +15,7 @@ import hmac
 from collections.abc import Collection, Sequence
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, delete, select
+from sqlalchemy import CursorResult, bindparam, delete, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -99,7 +99,16 @@ def suppressed_among(session: Session, emails: Collection[str], key: str) -> set
     if not emails:
         return set()
     hashes = {suppression_hash(e, key): e for e in emails}
-    found = session.scalars(
-        select(Suppression.email_hash).where(Suppression.email_hash.in_(list(hashes)))
-    ).all()
+    if session.get_bind().dialect.name == "postgresql":
+        # One array parameter: a claim runs this per batch, and an IN list of 500
+        # parameters cost ~4x the time (8 ms against 2 ms a batch of 500).
+        found = session.scalars(_ANY_OF, {"hashes": list(hashes)}).all()
+    else:
+        found = session.scalars(_IN, {"hashes": list(hashes)}).all()
     return {hashes[h] for h in found}
+
+
+_ANY_OF = text("SELECT email_hash FROM suppressions WHERE email_hash = ANY(:hashes)")
+_IN = select(Suppression.email_hash).where(
+    Suppression.email_hash.in_(bindparam("hashes", expanding=True))
+)

@@ -1,0 +1,71 @@
+"""The suppression store on SQLite and PostgreSQL: its sealed key (made once, sealed again
+after a rotation, an old install's first key kept), the batch check, and lifting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from newsletter import suppression
+from newsletter.db import make_engine, make_sessionmaker
+from newsletter.keyring import SealedKeyError, unseal
+from newsletter.models import KeyringEntry, Suppression
+
+
+@pytest.fixture
+def sessions(db_url: str) -> Iterator[sessionmaker[Session]]:
+    engine = make_engine(db_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def sealed(sessions: sessionmaker[Session]) -> str:
+    with sessions() as s:
+        value = s.scalar(select(KeyringEntry.sealed).where(KeyringEntry.name == "suppression"))
+    assert value is not None
+    return value
+
+
+def test_the_key_is_made_once_and_kept_across_a_rotation(sessions: sessionmaker[Session]) -> None:
+    key = suppression.load_key(sessions, ["old"])
+    assert len(key) == 64 and key != "old"
+    assert suppression.load_key(sessions, ["old"]) == key
+    assert unseal(sealed(sessions), ["old"], "suppression") == (key, False)
+
+    assert suppression.load_key(sessions, ["new", "old"]) == key
+    assert unseal(sealed(sessions), ["new"], "suppression") == (key, False)  # sealed again
+    assert suppression.load_key(sessions, ["new"]) == key
+    with pytest.raises(SealedKeyError):
+        suppression.load_key(sessions, ["other"])
+
+
+def test_an_install_with_suppressions_keeps_its_first_key(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s, s.begin():
+        s.add(Suppression(email_hash=suppression.suppression_hash("a@example.org", "first"),
+                          reason="erased"))  # fmt: skip
+    key = suppression.load_key(sessions, ["first", "older"])
+    assert key == "first"
+    with sessions() as s:
+        assert suppression.is_suppressed(s, "A@Example.org", key)
+
+
+def test_a_batch_check_and_lifting(sessions: sessionmaker[Session]) -> None:
+    key = suppression.load_key(sessions, ["k"])
+    with sessions() as s, s.begin():
+        suppression.suppress(s, "Gone@example.org", key, suppression.ERASED)
+        suppression.suppress(s, "gone@example.org", key, suppression.ERASED)  # no-op
+        suppression.suppress(s, "bounced@example.org", key, "hard_bounce")
+    with sessions() as s, s.begin():
+        emails = ["GONE@example.org", "bounced@example.org", "here@example.org"]
+        assert suppression.suppressed_among(s, emails, key) == {
+            "GONE@example.org",
+            "bounced@example.org",
+        }
+        assert suppression.suppressed_among(s, [], key) == set()
+        assert suppression.reason_for(s, "bounced@example.org", key) == "hard_bounce"
+        assert suppression.lift(s, "gone@EXAMPLE.org", key) is True
+        assert suppression.lift(s, "gone@example.org", key) is False
+        assert suppression.suppressed_among(s, emails, key) == {"bounced@example.org"}
