@@ -20,8 +20,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.addresses import address_key
+from newsletter.erasure import forget_address
 from newsletter.keyring import new_key, seal, unseal
-from newsletter.models import KeyringEntry, Suppression, utcnow
+from newsletter.models import Event, KeyringEntry, Subscriber, Suppression, utcnow
 
 PURPOSE = "suppression"  # its derived key seals the suppression key
 ERASED = "erased"
@@ -55,12 +56,42 @@ def load_key(sessions: sessionmaker[Session], secret_keys: Sequence[str]) -> str
         held = session.scalar(select(Suppression.id).limit(1)) is not None
         key = secret_keys[0] if held and secret_keys else new_key()
         session.add(KeyringEntry(name=PURPOSE, sealed=seal(key, secret_keys, PURPOSE)))
+        if held:
+            erase_left_behind(session, key)
         try:
             session.commit()
         except IntegrityError:  # another process made it first: use theirs
             session.rollback()
             return load_key(sessions, secret_keys)
         return key
+
+
+def erase_left_behind(session: Session, key: str) -> int:
+    """Erase the readers whose address was erased but who are still here: an erase before
+    one identity per mailbox left its case variants behind (`Dup@` after `erase dup@`), and
+    the upgrade merged them into one reader whose hash is suppressed. Runs once, when the
+    suppression key is first made on an install that holds suppressions: one pass over the
+    readers (about 2 s a million). Returns how many were erased."""
+    erased = set(
+        session.scalars(select(Suppression.email_hash).where(Suppression.reason == ERASED))
+    )
+    if not erased:
+        return 0
+    left = [
+        (reader_id, email)
+        for reader_id, email in session.execute(
+            select(Subscriber.id, Subscriber.email).execution_options(yield_per=10_000)
+        )
+        if suppression_hash(email, key) in erased
+    ]
+    for reader_id, email in left:
+        forget_address(session, email, [reader_id])
+        session.add(Event(kind="erased", source="upgrade", subscriber_id=None, list_id=None))
+    if left:
+        # Their subscriptions go with them (migration 0006's triggers).
+        session.execute(delete(Subscriber).where(Subscriber.id.in_([i for i, _ in left])))
+    session.flush()
+    return len(left)
 
 
 def reason_for(session: Session, email: str, key: str) -> str | None:

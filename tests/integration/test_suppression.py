@@ -3,16 +3,26 @@ after a rotation, an old install's first key kept), the batch check, and lifting
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter import suppression
+from newsletter import delivery, subscriptions, suppression
 from newsletter.db import make_engine, make_sessionmaker
 from newsletter.keyring import SealedKeyError, unseal
-from newsletter.models import KeyringEntry, Suppression
+from newsletter.models import (
+    Delivery,
+    DeliveryStatus,
+    Event,
+    KeyringEntry,
+    Subscriber,
+    Suppression,
+)
+from newsletter.runtime import Runtime
+from tests.conftest import SmtpServer
+from tests.integration.helpers import seed_world
 
 
 @pytest.fixture
@@ -69,3 +79,45 @@ def test_a_batch_check_and_lifting(sessions: sessionmaker[Session]) -> None:
         assert suppression.lift(s, "gone@EXAMPLE.org", key) is True
         assert suppression.lift(s, "gone@example.org", key) is False
         assert suppression.suppressed_among(s, emails, key) == {"bounced@example.org"}
+
+
+def test_a_claim_skips_an_address_suppressed_after_the_freeze(
+    db_url: str, smtp_server: SmtpServer, make_runtime: Callable[..., Runtime]
+) -> None:
+    """The suppression lands between the freeze and the claim (an erase racing an import
+    left the reader in place): the claim checks the hash and skips them, saying why."""
+    rt = make_runtime(db_url, smtp_url=smtp_server.url)
+    issue_id = seed_world(rt, confirmed=3)
+    with rt.sessions() as s, s.begin():
+        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
+    with rt.sessions() as s, s.begin():
+        suppression.suppress(s, "READER1@example.org", rt.suppression_key, "hard_bounce")
+    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+
+    assert sorted(smtp_server.recorder.recipients()) == [
+        "reader0@example.org",
+        "reader2@example.org",
+    ]
+    with rt.sessions() as s:
+        skipped = s.scalars(
+            select(Delivery.last_error).where(Delivery.status == DeliveryStatus.SKIPPED)
+        ).all()
+    assert skipped == ["address suppressed before send"]
+
+
+def test_readers_an_old_erase_left_behind_are_erased_once_the_key_is_made(
+    sessions: sessionmaker[Session],
+) -> None:
+    with sessions() as s, s.begin():
+        subscriptions.create_list(s, "world", "World", "Desk <desk@example.org>")
+        for address in ("Dup@example.org", "ann@example.org"):
+            subscriptions.add_subscriber(s, address, "world", confirmed=True, suppression_key="x")
+        s.add(Suppression(email_hash=suppression.suppression_hash("dup@example.org", "first"),
+                          reason="erased"))  # fmt: skip
+    suppression.load_key(sessions, ["first"])
+    with sessions() as s:
+        left = s.scalars(select(Subscriber.email)).all()
+        kinds = s.execute(select(Event.kind, Event.source).where(Event.kind == "erased")).all()
+    assert left == ["ann@example.org"]
+    assert kinds == [("erased", "upgrade")]
+    suppression.load_key(sessions, ["first"])  # once only: the key is there now

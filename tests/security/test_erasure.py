@@ -156,8 +156,7 @@ def test_a_reader_frozen_before_the_erase_is_never_sent_to(
     run_cli("issues", "resume", str(issue["id"]), env=env)
 
     assert smtp_server.recorder.recipients() == ["ann@example.org"]
-    status = json.loads(run_cli("issues", "status", str(issue["id"]), "--json", env=env).stdout)
-    assert status["counts"]["sent"] == 1 and status["counts"]["skipped"] == 1
+    assert places_holding(pg_url, "dup@example.org") == []
 
 
 def test_an_erased_address_comes_back_only_through_the_form_and_its_confirmation(
@@ -204,12 +203,13 @@ def test_an_erased_address_comes_back_only_through_the_form_and_its_confirmation
     assert VICTIM in listed and "active" in listed
 
 
-def test_a_suppressed_address_left_on_a_list_is_not_sent_to(
+def test_a_reader_an_old_erase_left_behind_is_erased_and_not_sent_to(
     pg_url: str, smtp_server: SmtpServer
 ) -> None:
     """An erase before this release left case variants of the address behind (finding 3):
-    `Dup@` still on the list while the hash of `dup@` is suppressed. The claim checks the
-    suppression, so the variant gets nothing; the other reader gets the issue."""
+    `Dup@` still on the list while the hash of `dup@` is suppressed. The first run after the
+    upgrade erases them as was asked, and nothing is sent to them; the other reader gets the
+    issue."""
     env = cli_env(database_url=pg_url, smtp_url=smtp_server.url)
     world(env)
     # The state as the old release left it, written as it wrote it: the suppression keyed
@@ -234,5 +234,4 @@ def test_a_suppressed_address_left_on_a_list_is_not_sent_to(
     run_cli("issues", "send", str(issue["id"]), env=env)
 
     assert smtp_server.recorder.recipients() == ["ann@example.org"]
-    status = json.loads(run_cli("issues", "status", str(issue["id"]), "--json", env=env).stdout)
-    assert status["counts"]["sent"] == 1 and status["counts"]["skipped"] == 1
+    assert places_holding(pg_url, "dup@example.org") == []
