@@ -695,13 +695,8 @@ def bounces_ingest(
     from newsletter import feedback
 
     r = rt()
-    st = r.settings
     verp = r.verp
-    policy = feedback.FeedbackPolicy(
-        soft_bounce_limit=st.soft_bounce_limit,
-        complaint_pause_rate=st.complaint_pause_rate,
-        complaint_pause_min=st.complaint_pause_min,
-    )
+    policy = r.feedback_policy
     files: list[Path] = []
     for path in paths:
         if path.is_dir():

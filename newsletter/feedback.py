@@ -58,6 +58,7 @@ from newsletter.models import (
 from newsletter.provenance import MessageIds, claimed_delivery
 from newsletter.readers import subscription_for_token
 from newsletter.subscriptions import set_status
+from newsletter.suppression import suppress
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
 _CLAIMED_DELIVERY = re.compile(r"<d(\d{1,18})\.")
@@ -401,6 +402,7 @@ def _hard_bounce(
     for sub in subscriptions:
         if sub.status in _LIVE and set_status(session, sub, SubscriptionStatus.BOUNCED, "bounce"):
             applied.changed.append(sub.id)
+    _suppress(session, target, policy, EventType.HARD_BOUNCE.value)
     return Outcome.SUPPRESSED if applied.changed else Outcome.UNCHANGED
 
 
@@ -417,7 +419,18 @@ def _complaint(
             session, sub, SubscriptionStatus.COMPLAINED, "complaint"
         ):
             applied.changed.append(sub.id)
+    _suppress(session, target, policy, EventType.COMPLAINT.value)
     return Outcome.SUPPRESSED if applied.changed else Outcome.UNCHANGED
+
+
+def _suppress(session: Session, target: Target, policy: FeedbackPolicy, reason: str) -> None:
+    """Keep the address out of every list, those it is not on yet too: an import or an
+    operator's add reports it as suppressed; the reader may sign up again themselves."""
+    if policy.suppression_key is None or target.subscriber_id is None:
+        return
+    email = session.scalar(select(Subscriber.email).where(Subscriber.id == target.subscriber_id))
+    if email is not None:
+        suppress(session, email, policy.suppression_key, reason)
 
 
 def _soft_bounce(

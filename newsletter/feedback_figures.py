@@ -9,7 +9,7 @@ the feedback path and the delivery ledger use it; it uses neither.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Table, func, select, update
@@ -38,6 +38,10 @@ class FeedbackPolicy:
     soft_bounce_limit: int = 5
     complaint_pause_rate: float = 0.003
     complaint_pause_min: int = 1
+    # The suppression store's key (newsletter.suppression): a hard bounce or a complaint
+    # puts the address there, so no list imports or mails it again until the reader signs
+    # up again themselves. None: no suppression.
+    suppression_key: str | None = field(default=None, repr=False)
 
 
 def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) -> dict[str, Any]:

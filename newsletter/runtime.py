@@ -106,7 +106,12 @@ class Runtime:
     @cached_property
     def feedback_policy(self) -> FeedbackPolicy:
         s = self.settings
-        return FeedbackPolicy(s.soft_bounce_limit, s.complaint_pause_rate, s.complaint_pause_min)
+        return FeedbackPolicy(
+            s.soft_bounce_limit,
+            s.complaint_pause_rate,
+            s.complaint_pause_min,
+            suppression_key=self.suppression_key,
+        )
 
     def issue_cache(self) -> IssueCache:
         """Compiled messages per issue and variant, signed and VERP-addressed as configured."""

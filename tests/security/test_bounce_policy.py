@@ -100,3 +100,38 @@ def test_a_complaint_suppresses_every_list(
     assert statuses(env, "world")[GRUMPY] == "complained"
     assert statuses(env, "science")[GRUMPY] == "complained"
     assert statuses(env, "science")[FINE] == "active"
+
+
+def test_an_import_onto_another_list_reports_bounced_and_complained_as_suppressed(
+    env: dict[str, str], smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    send_world(env)
+    complain(env, smtp_server, tmp_path)
+    run_cli(
+        "lists",
+        "create",
+        "culture",
+        "--name",
+        "Culture",
+        "--from-address",
+        "c@example.org",
+        env=env,
+    )
+    csv_file = tmp_path / "culture.csv"
+    csv_file.write_text(f"email\n{GONE.upper()}\n{GRUMPY}\n{FINE}\n")
+    out = run_cli(
+        "subscribers",
+        "import",
+        str(csv_file),
+        "--list",
+        "culture",
+        "--confirmed",
+        "--json",
+        env=env,
+    )
+    report = json.loads(out.stdout)
+    assert report["imported"] == 1
+    rejected = {row["line"]: row["reason"] for row in report["rejected"]}
+    assert sorted(rejected) == [2, 3]
+    assert all("suppressed" in reason for reason in rejected.values()), rejected
+    assert statuses(env, "culture") == {FINE: "active"}
