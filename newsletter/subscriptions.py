@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import codecs
 import csv
-import hashlib
 import io
 import multiprocessing
 import os
@@ -52,6 +51,7 @@ from newsletter.readers import find_subscriber, subscription_for_token
 from newsletter.suppression import (
     ERASED,
     SUPPRESSED_ROW,
+    hasher,
     lift,
     reason_for,
     refusal,
@@ -543,24 +543,8 @@ def _copy_text(chunk: list[_Row], tokens: list[str], email_hash: Callable[[str],
 
 
 def _suppression_hasher(key: str) -> Callable[[str], str]:
-    """suppression_hash(email, key) for many emails: HMAC-SHA256 (RFC 2104) with the padded
-    keys hashed once, so that each email costs two copies and two updates (a third of
-    hmac.new's time, which matters a million times over)."""
-    raw = key.encode()
-    if len(raw) > 64:
-        raw = hashlib.sha256(raw).digest()
-    raw = raw.ljust(64, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in raw))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in raw))
-
-    def email_hash(email: str) -> str:
-        h = inner.copy()
-        h.update(email.lower().encode())
-        o = outer.copy()
-        o.update(h.digest())
-        return o.hexdigest()
-
-    return email_hash
+    """suppression_hash(email, key) for many emails (suppression.hasher)."""
+    return hasher(key)
 
 
 _BLOCK_CHARS = 1 << 18  # of the file's text per helper task (~5,000 rows of a usual file)

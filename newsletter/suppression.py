@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, bindparam, delete, select, text
@@ -34,6 +34,27 @@ SUPPRESSED_ROW = f"address was erased or suppressed; {COME_BACK}"  # an import's
 def suppression_hash(email: str, key: str) -> str:
     """Keyed hash kept after erasure, so that the address stays out without being stored."""
     return hmac.new(key.encode(), address_key(email).encode(), hashlib.sha256).hexdigest()
+
+
+def hasher(key: str) -> Callable[[str], str]:
+    """suppression_hash(email, key) for many emails: HMAC-SHA256 (RFC 2104) with the padded
+    keys hashed once, so that each email costs two copies and two updates (a third of
+    hmac.new's time, which matters a million times over)."""
+    raw = key.encode()
+    if len(raw) > 64:
+        raw = hashlib.sha256(raw).digest()
+    raw = raw.ljust(64, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in raw))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in raw))
+
+    def email_hash(email: str) -> str:
+        h = inner.copy()
+        h.update(email.lower().encode())
+        o = outer.copy()
+        o.update(h.digest())
+        return o.hexdigest()
+
+    return email_hash
 
 
 def load_key(sessions: sessionmaker[Session], secret_keys: Sequence[str]) -> str:
@@ -71,19 +92,15 @@ def erase_left_behind(session: Session, key: str) -> int:
     one identity per mailbox left its case variants behind (`Dup@` after `erase dup@`), and
     the upgrade merged them into one reader whose hash is suppressed. Runs once, when the
     suppression key is first made on an install that holds suppressions: one pass over the
-    readers (about 2 s a million). Returns how many were erased."""
+    readers (about 3 s a million readers on PostgreSQL). Returns how many were erased."""
     erased = set(
         session.scalars(select(Suppression.email_hash).where(Suppression.reason == ERASED))
     )
     if not erased:
         return 0
-    left = [
-        (reader_id, email)
-        for reader_id, email in session.execute(
-            select(Subscriber.id, Subscriber.email).execution_options(yield_per=10_000)
-        )
-        if suppression_hash(email, key) in erased
-    ]
+    email_hash = hasher(key)
+    rows = session.connection().exec_driver_sql("SELECT id, email FROM subscribers")
+    left = [(reader_id, email) for reader_id, email in rows if email_hash(email) in erased]
     for reader_id, email in left:
         forget_address(session, email, [reader_id])
         session.add(Event(kind="erased", source="upgrade", subscriber_id=None, list_id=None))
