@@ -126,8 +126,8 @@ CONFIRMATION_RETRIES = 8
 
 @app.task(name="newsletter.send_confirmation", bind=True, max_retries=CONFIRMATION_RETRIES)
 def send_confirmation(self: Task, subscription_id: int) -> str:
+    from newsletter import optin
     from newsletter.transport import Outcome
-    from newsletter.web import optin
 
     rt = runtime()
     result = optin.send_confirmation(

@@ -173,7 +173,7 @@ def add_subscriber(
         pending = sub.status == SubscriptionStatus.PENDING
     if body.send_confirmation and pending:
         rt = ctx.runtime
-        from newsletter.web import optin
+        from newsletter import optin
 
         sent = optin.send_confirmation(
             rt.sessions, rt.transport, rt.templates, rt.links, sub_id, dkim=rt.dkim_signer

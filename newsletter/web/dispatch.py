@@ -12,9 +12,8 @@ from typing import Any
 
 from fastapi import BackgroundTasks
 
-from newsletter import delivery
+from newsletter import delivery, optin
 from newsletter.runtime import Runtime
-from newsletter.web import optin
 
 log = logging.getLogger(__name__)
 

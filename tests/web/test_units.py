@@ -13,12 +13,12 @@ from pydantic import SecretStr
 
 from newsletter.compose import make_environment
 from newsletter.config import REPO_TEMPLATES, Settings
+from newsletter.optin import build_confirmation
 from newsletter.placeholders import Markers
 from newsletter.runtime import Runtime
 from newsletter.web.app import create_app
 from newsletter.web.archive import public_html
 from newsletter.web.limits import MemoryLimiter
-from newsletter.web.optin import build_confirmation
 
 MARKERS = Markers("0123456789abcdef0123")  # an issue's markers
 
