@@ -27,7 +27,7 @@ What one run does:
 One run at a time per machine (a lock file; a second run would flush the first one's broker
 database). A send that stops making progress (nothing reaches smtp-sink for --stall-timeout
 seconds) fails the run instead of hanging it. --profile records one pool process with py-spy
-(install it into the venv) and prints where the time of delivery.send_batch went.
+(install it into the venv) and prints where the time of send_batch went.
 --worker-env sets variables for the workers only, for experiments (e.g. PGOPTIONS).
 
 Prints plain `name: value` lines:
@@ -224,9 +224,10 @@ def same_messages(database_url: str, issue_id: int) -> list[Message]:
     from pydantic import SecretStr
 
     from newsletter.config import Settings
-    from newsletter.delivery import IssueCache, PreparedIssue, build_for
+    from newsletter.ledger.cache import IssueCache
     from newsletter.message import format_date
     from newsletter.models import Delivery, Issue, Subscriber, Subscription
+    from newsletter.outgoing import PreparedIssue, build_for
     from newsletter.runtime import Runtime
 
     settings = Settings(database_url=database_url, secret_key=SecretStr(SECRET), base_url=BASE_URL)
@@ -526,7 +527,7 @@ CATEGORIES = [
     ("message build (substitute + bytes)", r"build_for \("),
     ("DB pool checkout pre-ping (SELECT 1 after every commit)", r"do_ping \("),
     ("record: UPDATE issues (consecutive failures)", r"note_outcome \("),
-    ("record: sent, one prepared autocommit UPDATE", r"_SentWriter\.write \("),
+    ("record: sent, one prepared autocommit UPDATE", r"SentWriter\.write \("),
     ("record: other outcomes (UPDATE deliveries)", r"record_outcome \("),
     ("record: COMMIT", r"Session\.commit \("),
     (
@@ -548,7 +549,7 @@ def summarize_profile(path: Path, top: int = 12) -> list[str]:
             continue
         count = int(count_text)
         all_samples += count
-        if "send_batch (newsletter/delivery.py" not in stack:
+        if "send_batch (newsletter/ledger/sender.py" not in stack:
             continue
         in_task += count
         for label, pattern in CATEGORIES:
@@ -561,7 +562,7 @@ def summarize_profile(path: Path, top: int = 12) -> list[str]:
     if not in_task:
         return [f"profile: no samples inside send_batch ({all_samples} in all)"]
     lines = [
-        f"profile_samples: {all_samples} (inside delivery.send_batch: {in_task}, "
+        f"profile_samples: {all_samples} (inside send_batch: {in_task}, "
         f"{100 * in_task / all_samples:.0f}%; the rest: other threads (lease renewal, "
         "Celery) and time between tasks)"
     ]

@@ -23,7 +23,7 @@ What one run does:
     statement of the freeze transaction is timed (SQLAlchemy cursor events);
  5. checks the ledger: exactly the frozen audience, batches that cover every queued row once;
  6. views: marks a realistic mix of the deliveries sent / failed / retrying, with two
-    batches in flight (claimed through delivery.claim_batch), then times `issue_status`
+    batches in flight (claimed through claim_batch), then times `issue_status`
     in-process, `GET /api/issues/{id}` through FastAPI's TestClient, and the CLI
     `newsletter issues status ID --json` in a subprocess, each against a real GROUP BY.
 
@@ -38,7 +38,7 @@ Prints plain `name: value` lines:
     enqueue_seconds                enqueue every batch task on Redis + mark_enqueued
     batches                        batches cut
     target_seconds                 10
-    status_inprocess_ms            delivery.issue_status, median of --runs (warm)
+    status_inprocess_ms            issue_status, median of --runs (warm)
     status_api_ms                  GET /api/issues/{id} through TestClient, median of --runs
     cli_issues_status_wall_ms      `newsletter issues status ID --json` in a subprocess, median
                                    of 5, Python start-up and imports included
@@ -256,7 +256,8 @@ def build_world(rt: Any, n: int) -> int:
 
 def timed_freeze(rt: Any, timer: StatementTimer, issue_id: int) -> tuple[list[int], dict[str, Any]]:
     """`issues send ID` up to the enqueue, as cli.issues_send runs it."""
-    from newsletter import delivery, issues
+    from newsletter import issues
+    from newsletter.ledger.status import delivery_counts
 
     figures: dict[str, Any] = {}
     server = server_activity(rt)
@@ -272,7 +273,7 @@ def timed_freeze(rt: Any, timer: StatementTimer, issue_id: int) -> tuple[list[in
                 base_url=rt.settings.base_url,
                 postal_address=rt.settings.postal_address,
             )
-            total = delivery.delivery_counts(s, issue_id)["queued"]
+            total = delivery_counts(s, issue_id)["queued"]
             before_commit = time.perf_counter()
             s.commit()
             ended = time.perf_counter()
@@ -310,13 +311,13 @@ def server_activity(rt: Any) -> tuple[int, int]:
 def enqueue(rt: Any, batch_ids: list[int]) -> float:
     """What `issues send` does after the commit with a broker: one task per batch, then
     mark_enqueued. Nobody consumes the tasks (the Redis db is flushed afterwards)."""
-    from newsletter import delivery
+    from newsletter.ledger.freeze import mark_enqueued
     from worker.tasks import enqueue_batches
 
     started = time.perf_counter()
     enqueue_batches(batch_ids)
     with rt.sessions() as s, s.begin():
-        delivery.mark_enqueued(s, batch_ids)
+        mark_enqueued(s, batch_ids)
     return time.perf_counter() - started
 
 
@@ -378,7 +379,7 @@ def explain_freeze(rt: Any, issue_id: int) -> None:
 
 def explain_status(rt: Any, issue_id: int) -> None:
     """EXPLAIN (ANALYZE, BUFFERS) of every statement `issues status` runs (read-only)."""
-    from newsletter import delivery
+    from newsletter.ledger.status import issue_status
 
     captured: list[tuple[str, Any]] = []
 
@@ -388,7 +389,7 @@ def explain_status(rt: Any, issue_id: int) -> None:
     event.listen(rt.engine, "before_cursor_execute", grab)
     try:
         with rt.sessions() as s:
-            delivery.issue_status(s, issue_id)
+            issue_status(s, issue_id)
     finally:
         event.remove(rt.engine, "before_cursor_execute", grab)
     with rt.engine.connect() as conn:
@@ -405,10 +406,18 @@ def explain_status(rt: Any, issue_id: int) -> None:
 # --- the views ------------------------------------------------------------------------------------
 
 
+def recount_batches(session: Any, issue_id: int) -> None:
+    """Count every batch of the issue again, after make_mix changed rows behind the ledger's
+    back in SQL: one pass over the issue's deliveries. Caller commits."""
+    from newsletter.ledger.batches import BATCHES, lock_batches, store_counts
+
+    store_counts(session, lock_batches(session, BATCHES.c.issue_id == issue_id))
+
+
 def make_mix(rt: Any, issue_id: int) -> dict[str, int]:
     """A send well under way: most deliveries sent, some failed, some waiting for a retry,
     two batches in flight right now (claimed by the product's own claim_batch)."""
-    from newsletter import delivery
+    from newsletter.ledger.claims import claim_batch
     from newsletter.models import Batch
 
     with rt.sessions() as s:
@@ -439,11 +448,11 @@ def make_mix(rt: Any, issue_id: int) -> dict[str, int]:
             {"i": issue_id, "lo": lo, "hi": hi},
         )
     with rt.sessions() as s, s.begin():
-        delivery.recount_batches(s, issue_id)
+        recount_batches(s, issue_id)
     flight = ids[len(done) : len(done) + 2]
     for batch_id in flight:
         with rt.sessions() as s:
-            delivery.claim_batch(s, batch_id, rt.policy)
+            claim_batch(s, batch_id, rt.policy)
     with rt.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE deliveries"))
         conn.execute(text("VACUUM ANALYZE batches"))
@@ -482,7 +491,7 @@ sys.stderr.write(f"BENCH import_ms={(t1 - t0) * 1000:.1f} work_ms={(t2 - t1) * 1
 def views(rt: Any, issue_id: int, runs: int, env: dict[str, str]) -> dict[str, Any]:
     from fastapi.testclient import TestClient
 
-    from newsletter import delivery
+    from newsletter.ledger.status import issue_status
     from newsletter.models import Delivery
     from newsletter.web.app import create_app
 
@@ -499,7 +508,7 @@ def views(rt: Any, issue_id: int, runs: int, env: dict[str, str]) -> dict[str, A
 
     def in_process() -> dict[str, Any]:
         with rt.sessions() as s, s.begin():
-            return delivery.issue_status(s, issue_id)
+            return issue_status(s, issue_id)
 
     expected = truth()
     got = in_process()["counts"]

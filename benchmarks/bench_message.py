@@ -36,7 +36,6 @@ from bench_compose import sample_articles, sample_context  # noqa: E402
 
 from newsletter import provenance  # noqa: E402
 from newsletter.compose import make_environment, render_issue  # noqa: E402
-from newsletter.delivery import Links  # noqa: E402
 from newsletter.keys import derive_all  # noqa: E402
 from newsletter.message import (  # noqa: E402
     CompiledMessage,
@@ -46,6 +45,7 @@ from newsletter.message import (  # noqa: E402
     format_date,
     make_message_id,
 )
+from newsletter.outgoing import Links  # noqa: E402
 from newsletter.placeholders import Markers  # noqa: E402
 from newsletter.provenance import MessageIds  # noqa: E402
 from newsletter.tokens import LinkSigner  # noqa: E402
@@ -134,7 +134,7 @@ def main() -> None:
         runs.append((time.perf_counter() - start) / len(people) * 1e6)
     ours = statistics.median(runs)
 
-    # What a worker does per reader (delivery.build_for): sign the reader's links (HMAC-SHA256
+    # What a worker does per reader (build_for): sign the reader's links (HMAC-SHA256
     # per purpose), MAC the delivery's Message-ID (newsletter.provenance), then substitute
     # and build.
     links = Links(

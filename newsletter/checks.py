@@ -100,9 +100,9 @@ def check_issue(
     """Build the issue's message for the sample reader (newsletter/samples.py) exactly as a
     delivery would, signed when DKIM is configured, and check it (the production gate's
     problems are errors when `in_production`, warnings otherwise)."""
-    from newsletter.delivery import build_for, prepare_issue
     from newsletter.issues import get_issue, sample_reader
     from newsletter.models import MailingList
+    from newsletter.outgoing import build_for, prepare_issue
 
     issue = get_issue(session, issue_id)
     mlist = session.get(MailingList, issue.list_id)

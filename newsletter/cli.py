@@ -17,11 +17,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from newsletter import delivery, subscriptions
+from newsletter import subscriptions
 from newsletter.articles import ArticleParseError, parse_source
 from newsletter.config import ConfigError, get_settings
 from newsletter.db import upgrade
 from newsletter.errors import InvalidInput, NewsletterError
+from newsletter.ledger.control import cancel_issue, pause_issue, resume_issue
+from newsletter.ledger.freeze import mark_enqueued
+from newsletter.ledger.sender import run_in_process
+from newsletter.ledger.status import delivery_counts, issue_status
 from newsletter.message import HeaderValueError
 from newsletter.models import Article, Issue, MailingList, SubscriptionStatus
 from newsletter.runtime import Runtime
@@ -460,7 +464,7 @@ def issues_send(
             base_url=r.settings.base_url,
             postal_address=r.settings.postal_address,
         )
-        total = delivery.delivery_counts(s, issue_id)["queued"]
+        total = delivery_counts(s, issue_id)["queued"]
     typer.echo(f"issue {issue_id}: {total} recipient(s) in {len(batch_ids)} batch(es)", err=True)
     if not r.settings.broker_url:
         _run_here(issue_id, batch_ids, total)
@@ -469,7 +473,7 @@ def issues_send(
 
         enqueue_batches(batch_ids)
         with transaction() as s:
-            delivery.mark_enqueued(s, batch_ids)
+            mark_enqueued(s, batch_ids)
         if not wait:
             typer.echo(f"queued; follow with: newsletter issues status {issue_id}")
             return
@@ -504,7 +508,7 @@ def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:
         if progress is not None:
             task = progress.add_task(f"sending issue {issue_id}", total=total)
             on_batch = lambda rep: progress.advance(task, rep.sent + rep.failed)  # noqa: E731
-        delivery.run_in_process(
+        run_in_process(
             r.sessions,
             issue_id,
             batch_ids,
@@ -529,7 +533,7 @@ def _follow(issue_id: int, total: int) -> None:
     try:
         while True:
             with transaction() as s:
-                st = delivery.issue_status(s, issue_id)
+                st = issue_status(s, issue_id)
             done = total - st["counts"]["queued"] - st["counts"]["claimed"]
             if progress is not None:
                 progress.update(task, completed=done)
@@ -543,7 +547,7 @@ def _follow(issue_id: int, total: int) -> None:
 
 def _final(issue_id: int) -> None:
     with transaction() as s:
-        st = delivery.issue_status(s, issue_id)
+        st = issue_status(s, issue_id)
     c = st["counts"]
     typer.echo(
         f"issue {issue_id} {st['status']}: sent {c['sent']}, failed {c['failed']}, "
@@ -557,7 +561,7 @@ def _final(issue_id: int) -> None:
 def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
     """Counts per delivery status, and why the issue stopped if it did."""
     with transaction() as s:
-        st = delivery.issue_status(s, issue_id)  # with its bounce and complaint figures
+        st = issue_status(s, issue_id)  # with its bounce and complaint figures
     if as_json:
         out(st)
         return
@@ -582,7 +586,7 @@ def issues_status(issue_id: int, as_json: JsonOpt = False) -> None:
 def issues_pause(issue_id: int) -> None:
     """Stop sending: no new claims, and batches in flight stop within about a second."""
     with transaction() as s:
-        delivery.pause_issue(s, issue_id)
+        pause_issue(s, issue_id)
     typer.echo(f"issue {issue_id} paused; resume with: newsletter issues resume {issue_id}")
 
 
@@ -592,9 +596,9 @@ def issues_resume(issue_id: int) -> None:
     r = rt()
     with transaction() as s:
         r.refuse_unsafe_send(s, issue_id)  # the production gate
-        batch_ids = delivery.resume_issue(s, issue_id)
+        batch_ids = resume_issue(s, issue_id)
         if r.settings.broker_url:
-            delivery.mark_enqueued(s, batch_ids)
+            mark_enqueued(s, batch_ids)
     if r.settings.broker_url:
         from worker.tasks import enqueue_batches
 
@@ -602,7 +606,7 @@ def issues_resume(issue_id: int) -> None:
         typer.echo(f"issue {issue_id} resumed: {len(batch_ids)} batch(es) queued")
         return
     with transaction() as s:
-        total = delivery.delivery_counts(s, issue_id)["queued"]
+        total = delivery_counts(s, issue_id)["queued"]
     _run_here(issue_id, batch_ids, total)
     _final(issue_id)
 
@@ -611,7 +615,7 @@ def issues_resume(issue_id: int) -> None:
 def issues_cancel(issue_id: int) -> None:
     """Cancel the rest of an issue: deliveries not yet sent are marked cancelled."""
     with transaction() as s:
-        n = delivery.cancel_issue(s, issue_id)
+        n = cancel_issue(s, issue_id)
     typer.echo(f"issue {issue_id} cancelled; {n} delivery(ies) will not be sent")
 
 

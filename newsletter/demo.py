@@ -14,10 +14,12 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.articles import SAMPLE_ARTICLES_DIR, parse_source
 from newsletter.db import upgrade
 from newsletter.errors import Conflict
+from newsletter.ledger.sender import run_in_process
+from newsletter.ledger.status import issue_status
 from newsletter.models import Delivery, DeliveryStatus
 from newsletter.runtime import Runtime
 from newsletter.transport import OutboxTransport
@@ -117,7 +119,7 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-    delivery.run_in_process(
+    run_in_process(
         rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy, cache=rt.issue_cache()
     )
     preview_dir = Path("preview")
@@ -130,7 +132,7 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
         )
         reader = issues.first_active_reader(s, issues.get_issue(s, issue_id))
         assert reader is not None  # the demo subscribed its readers above
-        status = delivery.issue_status(s, issue_id)
+        status = issue_status(s, issue_id)
     unsubscribe = rt.links.unsubscribe(reader.token)
     where = (
         f"{rt.transport.directory.resolve()}/new"

@@ -359,7 +359,7 @@ def _subscription_by_signed_token(
 
 
 def _list_by_list_id(session: Session, list_id: str | None) -> int | None:
-    """A List-Id identifier is <slug.domain> (delivery.prepare_issue)."""
+    """A List-Id identifier is <slug.domain> (outgoing.prepare_issue)."""
     if not list_id:
         return None
     slug = list_id.partition(".")[0]

@@ -51,7 +51,7 @@ def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) 
     of verified reports only, ``unverified_reports`` counts the others that claim it. Pass
     `sent` when it is known (issue_status has it from the batch counts): counting it is a
     scan of the issue's sent deliveries."""
-    events = cast(Table, BounceEvent.__table__).c  # Core: see delivery.issue_status
+    events = cast(Table, BounceEvent.__table__).c  # Core: see ledger.status.issue_status
     rows = session.execute(
         select(events.kind, events.outcome, func.count())
         .where(
@@ -111,7 +111,7 @@ def complaint_rate_exceeded(
 
 def pause_for_complaints(session: Session, issue_id: int, policy: FeedbackPolicy) -> bool:
     """Pause the issue if it is sending and its complaint rate passed the policy's; whether
-    it paused. The same transition as delivery.pause_issue: new claims stop at once, batches
+    it paused. The same transition as ledger.control.pause_issue: new claims stop at once, batches
     in flight within about a second."""
     reason = complaint_rate_exceeded(session, issue_id, policy)
     if reason is None:

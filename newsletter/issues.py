@@ -27,9 +27,9 @@ from newsletter.compose import (
     digest_content,
     render_issue,
 )
-from newsletter.delivery import Links, build_for, prepare_issue, start_send
 from newsletter.dkim import DkimSigner
 from newsletter.errors import InvalidInput, NotFound
+from newsletter.ledger.freeze import start_send
 from newsletter.message import check_header_value, format_date
 from newsletter.models import (
     Article,
@@ -44,6 +44,7 @@ from newsletter.models import (
     sections_of,
     utcnow,
 )
+from newsletter.outgoing import Links, build_for, prepare_issue
 from newsletter.samples import SAMPLE_EMAIL, SAMPLE_NAME, SAMPLE_TOKEN
 from newsletter.subscriptions import get_list
 

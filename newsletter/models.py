@@ -294,11 +294,11 @@ class Batch(Base):
     Every delivery of an issue lies in exactly one of its batches' ranges (a range may also
     hold other issues' ids: every query filters on issue_id too). The batch keeps its rows'
     counts by status, so that an issue's status is a sum over its batches rather than a
-    count over its deliveries (newsletter.delivery.delivery_counts). The counts are exact
+    count over its deliveries (newsletter.ledger.status.delivery_counts). The counts are exact
     whenever n_claimed is 0; a batch with n_claimed > 0 is being sent (its rows change one
     by one without touching this row) and is counted live instead. Whatever changes the
     statuses of a batch's rows in bulk holds the batch row's lock and stores its counts
-    again in the same transaction (delivery.refresh_batch_counts)."""
+    again in the same transaction (ledger.batches.refresh_batch_counts)."""
 
     __tablename__ = "batches"
 

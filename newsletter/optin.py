@@ -18,10 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.addresses import domain_of, parse_from_address
 from newsletter.compose import render_confirmation
-from newsletter.delivery import Links
 from newsletter.dkim import DkimSigner
 from newsletter.message import check_header_value, format_date
 from newsletter.models import MailingList, Subscriber, Subscription, SubscriptionStatus
+from newsletter.outgoing import Links
 from newsletter.transport import Outcome, SendResult, Transport, session_of
 
 log = logging.getLogger(__name__)

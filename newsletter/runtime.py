@@ -18,10 +18,12 @@ from newsletter import provenance
 from newsletter.bounces import Verp
 from newsletter.config import Settings
 from newsletter.db import make_engine, make_sessionmaker
-from newsletter.delivery import DeliveryPolicy, IssueCache, Links
 from newsletter.dkim import DkimSigner, signer_from_settings
 from newsletter.feedback import FeedbackPolicy
 from newsletter.keys import derive, derive_all
+from newsletter.ledger.cache import IssueCache
+from newsletter.ledger.policy import DeliveryPolicy
+from newsletter.outgoing import Links
 from newsletter.provenance import MessageIds
 from newsletter.ratelimit import Throttle, make_throttle
 from newsletter.suppression import load_key as load_suppression_key

@@ -9,8 +9,10 @@ from functools import lru_cache
 from celery import Task
 from kombu.exceptions import ChannelError
 
-from newsletter import delivery
 from newsletter.config import get_settings
+from newsletter.ledger import control, freeze, sender
+from newsletter.ledger.batches import TRANSIENT_DB_ERRORS
+from newsletter.ledger.cache import IssueCache
 from newsletter.ratelimit import Throttle
 from newsletter.runtime import Runtime
 from worker.celery_app import SEND_QUEUE, app
@@ -25,7 +27,7 @@ def runtime() -> Runtime:
 
 
 @lru_cache(maxsize=1)
-def issue_cache() -> delivery.IssueCache:
+def issue_cache() -> IssueCache:
     return runtime().issue_cache()
 
 
@@ -46,7 +48,7 @@ DB_RETRIES = 12
 def send_batch(self: Task, batch_id: int) -> dict[str, int]:
     rt = runtime()
     try:
-        report = delivery.send_batch(
+        report = sender.send_batch(
             rt.sessions,
             batch_id,
             rt.transport,
@@ -55,7 +57,7 @@ def send_batch(self: Task, batch_id: int) -> dict[str, int]:
             issue_cache(),
             throttle=_throttle(),
         )
-    except delivery.TRANSIENT_DB_ERRORS as exc:
+    except TRANSIENT_DB_ERRORS as exc:
         countdown = min(30, 2**self.request.retries)
         log.warning("batch %d: database unavailable (%s); again in %ds", batch_id, exc, countdown)
         raise self.retry(exc=exc, countdown=countdown) from None
@@ -78,8 +80,8 @@ def follow_up(batch_id: int, at: datetime) -> None:
     send_batch.apply_async((batch_id,), eta=eta, queue=SEND_QUEUE)
     try:
         with runtime().sessions() as session, session.begin():
-            delivery.mark_enqueued(session, [batch_id], at=eta)
-    except delivery.TRANSIENT_DB_ERRORS as exc:  # only a hint for the reconciler
+            freeze.mark_enqueued(session, [batch_id], at=eta)
+    except TRANSIENT_DB_ERRORS as exc:  # only a hint for the reconciler
         log.warning("batch %d: could not note its follow-up (%s)", batch_id, exc)
 
 
@@ -105,13 +107,13 @@ def reconcile() -> int:
     rt = runtime()
     backlog = broker_backlog()
     with rt.sessions() as session:
-        batch_ids = delivery.reconcile(
+        batch_ids = control.reconcile(
             session,
             # A task younger than one lease may still sit in a worker's prefetch buffer.
             requeue_after=timedelta(seconds=rt.settings.lease_seconds),
             broker_idle=backlog == 0,
         )
-        delivery.mark_enqueued(session, batch_ids)
+        freeze.mark_enqueued(session, batch_ids)
         session.commit()
     enqueue_batches(batch_ids)
     if batch_ids:

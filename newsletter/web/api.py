@@ -20,10 +20,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from newsletter import delivery, feedback, issues, subscriptions
+from newsletter import feedback, issues, subscriptions
 from newsletter.addresses import normalize_email
 from newsletter.articles import parse_json
 from newsletter.errors import InvalidInput, NewsletterError
+from newsletter.ledger.control import cancel_issue, pause_issue, resume_issue
+from newsletter.ledger.status import delivery_counts, issue_status
 from newsletter.models import Issue, MailingList, Subscriber, SubscriptionStatus
 from newsletter.transport import Outcome, erase_from_outbox, session_of
 from newsletter.web import uploads
@@ -339,7 +341,7 @@ def compose(body: ComposeIn, ctx: WebContext = Depends(web_context)) -> dict[str
 def status(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Status, counts per delivery status, and the last errors."""
     with ctx.transaction() as s:
-        return delivery.issue_status(s, issue_id)
+        return issue_status(s, issue_id)
 
 
 @router.get("/issues/{issue_id}/preview", tags=["issues"])
@@ -388,7 +390,7 @@ def send(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str,
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-        total = delivery.delivery_counts(s, issue_id)["queued"]
+        total = delivery_counts(s, issue_id)["queued"]
     mode = ctx.dispatcher.batches(issue_id, batch_ids) if batch_ids else "nothing to send"
     return {"id": issue_id, "recipients": total, "batches": len(batch_ids), "delivery": mode}
 
@@ -397,9 +399,9 @@ def send(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str,
 def pause(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Stop claiming new batches; batches in flight finish."""
     with ctx.transaction() as s:
-        delivery.pause_issue(s, issue_id)
+        pause_issue(s, issue_id)
     with ctx.transaction() as s:
-        return delivery.issue_status(s, issue_id)
+        return issue_status(s, issue_id)
 
 
 @router.post("/issues/{issue_id}/resume", tags=["issues"])
@@ -407,20 +409,20 @@ def resume(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[st
     """Continue a paused issue, or re-enqueue the lost work of a sending one."""
     with ctx.transaction() as s:
         ctx.runtime.refuse_unsafe_send(s, issue_id)  # production: 409 with the problems
-        batch_ids = delivery.resume_issue(s, issue_id)
+        batch_ids = resume_issue(s, issue_id)
     if batch_ids:
         ctx.dispatcher.batches(issue_id, batch_ids)
     with ctx.transaction() as s:
-        return {**delivery.issue_status(s, issue_id), "batches": len(batch_ids)}
+        return {**issue_status(s, issue_id), "batches": len(batch_ids)}
 
 
 @router.post("/issues/{issue_id}/cancel", tags=["issues"])
 def cancel(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str, Any]:
     """Cancel what is not sent yet."""
     with ctx.transaction() as s:
-        cancelled = delivery.cancel_issue(s, issue_id)
+        cancelled = cancel_issue(s, issue_id)
     with ctx.transaction() as s:
-        return {**delivery.issue_status(s, issue_id), "cancelled_deliveries": cancelled}
+        return {**issue_status(s, issue_id), "cancelled_deliveries": cancelled}
 
 
 MAX_BOUNCE_BYTES = 10 * 1024 * 1024

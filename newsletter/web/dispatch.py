@@ -12,7 +12,9 @@ from typing import Any
 
 from fastapi import BackgroundTasks
 
-from newsletter import delivery, optin
+from newsletter import optin
+from newsletter.ledger.freeze import mark_enqueued
+from newsletter.ledger.sender import run_in_process
 from newsletter.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ class Dispatcher:
             for batch_id in batch_ids:
                 self._send_task(SEND_BATCH_TASK, (batch_id,))
             with self.runtime.sessions() as session, session.begin():
-                delivery.mark_enqueued(session, batch_ids)
+                mark_enqueued(session, batch_ids)
             return "workers"
         thread = threading.Thread(
             target=self._run_here,
@@ -83,7 +85,7 @@ class Dispatcher:
     def _run_here(self, issue_id: int, batch_ids: list[int]) -> None:
         rt = self.runtime
         try:
-            delivery.run_in_process(
+            run_in_process(
                 rt.sessions,
                 issue_id,
                 batch_ids,

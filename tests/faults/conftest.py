@@ -31,8 +31,9 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import Envelope, Session
 from sqlalchemy import create_engine, select, text
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.articles import parse_source
+from newsletter.ledger.status import issue_status
 from newsletter.models import Delivery, Issue
 from newsletter.runtime import Runtime
 from tests.conftest import ROOT, Received, Recorder, WorkerProcess, cli_env, free_port
@@ -494,7 +495,7 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def status_of(rt: Runtime, issue_id: int) -> dict[str, Any]:
     with rt.sessions() as s:
-        return delivery.issue_status(s, issue_id)
+        return issue_status(s, issue_id)
 
 
 def wait_finished(rt: Runtime, issue_id: int, timeout: float = 120) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from newsletter import delivery
+from newsletter.ledger.control import pause_issue
 from newsletter.runtime import Runtime
 from tests.faults.conftest import (
     FaultSmtpServer,
@@ -47,7 +47,7 @@ def test_pause_at_half_restart_every_process_then_resume(
 
     wait_until(lambda: smtp.recorder.count() >= 150, 120, "half of the messages")
     with rt.sessions() as s, s.begin():  # what `issues pause` does, without its start-up time
-        delivery.pause_issue(s, issue_id)
+        pause_issue(s, issue_id)
     at_pause = smtp.recorder.count()
     wait_until(lambda: settled(rt, issue_id), 30, "the workers to let go of their batches")
     after_pause = smtp.recorder.count()

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select, text
 
-from newsletter import delivery
-from newsletter.models import Subscriber, Subscription, SubscriptionStatus
+from newsletter.ledger.freeze import start_send
+from newsletter.models import Delivery, Subscriber, Subscription, SubscriptionStatus
 from newsletter.runtime import Runtime
 from tests.faults.conftest import (
     FaultSmtpServer,
@@ -163,12 +163,12 @@ def test_550_at_rcpt_is_a_hard_bounce(
             postal_address=rt.settings.postal_address,
             since=datetime(2000, 1, 1),
         )
-        delivery.start_send(s, nxt.id, batch_size=100)
+        start_send(s, nxt.id, batch_size=100)
         audience = set(
             s.scalars(
                 select(Subscriber.email)
-                .join(delivery.Delivery, delivery.Delivery.subscriber_id == Subscriber.id)
-                .where(delivery.Delivery.issue_id == nxt.id)
+                .join(Delivery, Delivery.subscriber_id == Subscriber.id)
+                .where(Delivery.issue_id == nxt.id)
             )
         )
     assert audience == set(eligible)

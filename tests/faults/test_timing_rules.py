@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from newsletter.config import Settings
-from newsletter.delivery import DeliveryPolicy
+from newsletter.ledger.policy import DeliveryPolicy
 from newsletter.ratelimit import LocalRateLimiter
 from tests.conftest import cli_env
 from tests.faults.conftest import newsletter

@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from newsletter import delivery, feedback, feedback_figures, issues, subscriptions
+from newsletter import feedback, feedback_figures, issues, subscriptions
 from newsletter.bounces import EventType, Verp
 from newsletter.feedback import AppliedEvent, FeedbackPolicy, Outcome
+from newsletter.ledger.cache import IssueCache
+from newsletter.ledger.freeze import start_send
+from newsletter.ledger.sender import run_in_process, send_batch
+from newsletter.ledger.status import issue_status
 from newsletter.models import (
     BounceEvent,
     Delivery,
@@ -66,8 +70,8 @@ def verp(rt: Runtime) -> Verp:
 
 def send(rt: Runtime, issue_id: int) -> None:
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+        batch_ids = start_send(s, issue_id, batch_size=rt.settings.batch_size)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
 
 
 def next_issue(rt: Runtime) -> int:
@@ -302,31 +306,27 @@ def test_mail_to_the_unsubscribe_address_unsubscribes_only_with_a_genuine_token(
 def test_complaints_over_the_rate_pause_the_send(rt: Runtime, smtp_server: SmtpServer) -> None:
     issue_id = seed_world(rt, confirmed=10)
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=5)
-    delivery.send_batch(
-        rt.sessions, batch_ids[0], rt.transport, rt.links, rt.policy, delivery.IssueCache()
-    )
+        batch_ids = start_send(s, issue_id, batch_size=5)
+    send_batch(rt.sessions, batch_ids[0], rt.transport, rt.links, rt.policy, IssueCache())
     first = smtp_server.recorder.recipients()[0]
     applied = ingest(rt, returned(rt, "arf_complaint.eml", issue_id, first))
     assert applied[0].paused_issue
     with rt.sessions() as s:
-        status = delivery.issue_status(s, issue_id)
+        status = issue_status(s, issue_id)
         figures = feedback_figures.issue_feedback(s, issue_id)
     assert status["status"] == IssueStatus.PAUSED.value
     assert "complaint rate 20.00%" in status["reason"]
     assert figures["complaints"] == 1 and figures["sent"] == 5
     assert figures["complaint_rate"] == pytest.approx(0.2)
     # The paused issue's second batch is not sent.
-    delivery.send_batch(
-        rt.sessions, batch_ids[1], rt.transport, rt.links, rt.policy, delivery.IssueCache()
-    )
+    send_batch(rt.sessions, batch_ids[1], rt.transport, rt.links, rt.policy, IssueCache())
     assert len(smtp_server.recorder.messages) == 5
 
 
 def test_one_complaint_in_a_large_send_does_not_pause_it(rt: Runtime) -> None:
     issue_id = seed_world(rt, confirmed=4)
     with rt.sessions() as s, s.begin():
-        delivery.start_send(s, issue_id, batch_size=50)
+        start_send(s, issue_id, batch_size=50)
         s.execute(  # as if 400 more had gone out already
             Delivery.__table__.update()
             .where(Delivery.issue_id == issue_id)

@@ -10,8 +10,16 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from newsletter import delivery, subscriptions
+from newsletter import subscriptions
 from newsletter.errors import Conflict
+from newsletter.ledger import sender
+from newsletter.ledger.cache import IssueCache
+from newsletter.ledger.claims import claim_batch
+from newsletter.ledger.control import cancel_issue, pause_issue, reconcile, resume_issue
+from newsletter.ledger.freeze import start_send
+from newsletter.ledger.outcomes import SentWriter, record_outcome
+from newsletter.ledger.policy import DeliveryPolicy
+from newsletter.ledger.sender import run_in_process, send_batch
 from newsletter.models import (
     Delivery,
     DeliveryStatus,
@@ -38,8 +46,8 @@ def rt(db_url: str, smtp_server: SmtpServer, make_runtime: Callable[..., Runtime
 
 def send(rt: Runtime, issue_id: int) -> None:
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+        batch_ids = start_send(s, issue_id, batch_size=rt.settings.batch_size)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
 
 
 def test_every_confirmed_reader_gets_exactly_one_well_formed_digest(
@@ -69,9 +77,9 @@ def test_every_confirmed_reader_gets_exactly_one_well_formed_digest(
 def test_unsubscribe_after_the_freeze_is_honoured(rt: Runtime, smtp_server: SmtpServer) -> None:
     issue_id = seed_world(rt, confirmed=10)
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
+        batch_ids = start_send(s, issue_id, batch_size=rt.settings.batch_size)
         subscriptions.unsubscribe(s, "reader3@example.org", "world", source="one-click")
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
     got = smtp_server.recorder.recipients()
     assert "reader3@example.org" not in got and len(got) == 9
     skipped = [d for d in deliveries(rt, issue_id) if d.status == DeliveryStatus.SKIPPED]
@@ -93,8 +101,8 @@ def test_temporary_refusal_is_retried_and_delivered_once(
     smtp_server.recorder.rules.append(("rcpt", once, "451 4.7.1 greylisted, try again"))
     sleeps: list[float] = []
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
-    delivery.run_in_process(
+        batch_ids = start_send(s, issue_id, batch_size=rt.settings.batch_size)
+    run_in_process(
         rt.sessions,
         issue_id,
         batch_ids,
@@ -135,10 +143,8 @@ def test_552_is_temporary_not_a_bounce(rt: Runtime, smtp_server: SmtpServer) -> 
         ("data", lambda a: a == "reader0@example.org", "552 5.2.2 mailbox full")
     )
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=10)
-    report = delivery.send_batch(
-        rt.sessions, batch_ids[0], rt.transport, rt.links, rt.policy, delivery.IssueCache()
-    )
+        batch_ids = start_send(s, issue_id, batch_size=10)
+    report = send_batch(rt.sessions, batch_ids[0], rt.transport, rt.links, rt.policy, IssueCache())
     assert (report.sent, report.retrying, report.failed) == (1, 1, 0)
     row = next(d for d in deliveries(rt, issue_id) if d.smtp_code == 552)
     assert row.status == DeliveryStatus.QUEUED and row.next_attempt_at is not None
@@ -149,10 +155,10 @@ def test_552_is_temporary_not_a_bounce(rt: Runtime, smtp_server: SmtpServer) -> 
 def test_a_batch_run_twice_sends_nothing_twice(rt: Runtime, smtp_server: SmtpServer) -> None:
     issue_id = seed_world(rt, confirmed=6)
     with rt.sessions() as s, s.begin():
-        [batch_id] = delivery.start_send(s, issue_id, batch_size=100)
-    cache = delivery.IssueCache()
-    first = delivery.send_batch(rt.sessions, batch_id, rt.transport, rt.links, rt.policy, cache)
-    second = delivery.send_batch(rt.sessions, batch_id, rt.transport, rt.links, rt.policy, cache)
+        [batch_id] = start_send(s, issue_id, batch_size=100)
+    cache = IssueCache()
+    first = send_batch(rt.sessions, batch_id, rt.transport, rt.links, rt.policy, cache)
+    second = send_batch(rt.sessions, batch_id, rt.transport, rt.links, rt.policy, cache)
     assert (first.sent, second.claimed) == (6, 0)
     assert len(smtp_server.recorder.messages) == 6
 
@@ -160,23 +166,21 @@ def test_a_batch_run_twice_sends_nothing_twice(rt: Runtime, smtp_server: SmtpSer
 def test_pause_resume_and_cancel(rt: Runtime, smtp_server: SmtpServer) -> None:
     issue_id = seed_world(rt, confirmed=21)  # three batches of 7
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=7)
-    cache = delivery.IssueCache()
-    delivery.send_batch(rt.sessions, batch_ids[0], rt.transport, rt.links, rt.policy, cache)
+        batch_ids = start_send(s, issue_id, batch_size=7)
+    cache = IssueCache()
+    send_batch(rt.sessions, batch_ids[0], rt.transport, rt.links, rt.policy, cache)
     with rt.sessions() as s, s.begin():
-        delivery.pause_issue(s, issue_id)
-    paused = delivery.send_batch(
-        rt.sessions, batch_ids[1], rt.transport, rt.links, rt.policy, cache
-    )
+        pause_issue(s, issue_id)
+    paused = send_batch(rt.sessions, batch_ids[1], rt.transport, rt.links, rt.policy, cache)
     assert paused.claimed == 0 and len(smtp_server.recorder.messages) == 7
     with rt.sessions() as s, s.begin():
-        todo = delivery.resume_issue(s, issue_id)
+        todo = resume_issue(s, issue_id)
     assert todo == batch_ids[1:]
-    delivery.send_batch(rt.sessions, todo[0], rt.transport, rt.links, rt.policy, cache)
+    send_batch(rt.sessions, todo[0], rt.transport, rt.links, rt.policy, cache)
     with rt.sessions() as s, s.begin():
-        assert delivery.cancel_issue(s, issue_id) == 7
+        assert cancel_issue(s, issue_id) == 7
     with rt.sessions() as s, s.begin(), pytest.raises(Conflict):
-        delivery.resume_issue(s, issue_id)
+        resume_issue(s, issue_id)
     assert len(smtp_server.recorder.messages) == 14
     assert len(set(smtp_server.recorder.recipients())) == 14
     counts = {d.status for d in deliveries(rt, issue_id)}
@@ -186,18 +190,16 @@ def test_pause_resume_and_cancel(rt: Runtime, smtp_server: SmtpServer) -> None:
 def test_an_expired_lease_goes_back_to_the_queue(rt: Runtime, smtp_server: SmtpServer) -> None:
     issue_id = seed_world(rt, confirmed=3)
     with rt.sessions() as s, s.begin():
-        [batch_id] = delivery.start_send(s, issue_id, batch_size=100)
-    short = delivery.DeliveryPolicy(lease_seconds=-1)  # already expired: a dead worker's claim
+        [batch_id] = start_send(s, issue_id, batch_size=100)
+    short = DeliveryPolicy(lease_seconds=-1)  # already expired: a dead worker's claim
     with rt.sessions() as s:
-        _batch, claimed = delivery.claim_batch(s, batch_id, short)
+        _batch, claimed = claim_batch(s, batch_id, short)
     assert len(claimed) == 3
     with rt.sessions() as s, s.begin():
-        assert delivery.reconcile(
+        assert reconcile(
             s, requeue_after=__import__("datetime").timedelta(0), broker_idle=True
         ) == [batch_id]
-    delivery.send_batch(
-        rt.sessions, batch_id, rt.transport, rt.links, rt.policy, delivery.IssueCache()
-    )
+    send_batch(rt.sessions, batch_id, rt.transport, rt.links, rt.policy, IssueCache())
     assert sorted(smtp_server.recorder.recipients()) == confirmed_addresses(3)
     assert issue_row(rt, issue_id).status == IssueStatus.SENT
 
@@ -228,16 +230,16 @@ def test_at_most_one_accepted_message_is_ever_unrecorded(
 
         return slow
 
-    monkeypatch.setattr(delivery, "record_outcome", slowly(delivery.record_outcome))
+    monkeypatch.setattr(sender, "record_outcome", slowly(record_outcome))
     # On PostgreSQL the `sent` write is in flight while the next message travels: the
     # server itself takes 50 ms over it (a new statement name: the slow one is prepared
     # beside the normal one).
     monkeypatch.setattr(
-        delivery._SentWriter,
+        SentWriter,
         "SQL",
-        delivery._SentWriter.SQL + " AND (SELECT 1 FROM pg_sleep(0.05)) = 1",
+        SentWriter.SQL + " AND (SELECT 1 FROM pg_sleep(0.05)) = 1",
     )
-    monkeypatch.setattr(delivery._SentWriter, "NAME", b"nl_record_sent_slowly")
+    monkeypatch.setattr(SentWriter, "NAME", b"nl_record_sent_slowly")
     with rt.engine.connect() as reader:
 
         def at_final_dot(_envelope: object) -> None:

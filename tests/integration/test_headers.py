@@ -21,13 +21,16 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.addresses import check_text
 from newsletter.articles import parse_source
 from newsletter.dkim import DkimSigner, generate_private_key
 from newsletter.errors import InvalidInput
+from newsletter.ledger.freeze import start_send
+from newsletter.ledger.sender import run_in_process
 from newsletter.message import CompiledMessage, HeaderValueError, IssueMessageSpec, Recipient
 from newsletter.models import Issue, MailingList, Subscriber
+from newsletter.outgoing import build_for, prepare_issue
 from newsletter.placeholders import Markers
 from newsletter.runtime import Runtime
 from newsletter.transport import Outcome, session_of
@@ -57,8 +60,8 @@ def api(rt: Runtime) -> Iterator[TestClient]:
 
 def send(rt: Runtime, issue_id: int) -> None:
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=50)
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+        batch_ids = start_send(s, issue_id, batch_size=50)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
 
 
 def header_names(raw: bytes) -> list[str]:
@@ -307,7 +310,7 @@ def test_dkim_signatures_verify_after_the_smtp_server(
         issue = s.get(Issue, issue_id)
         mlist = s.get(MailingList, issue.list_id) if issue else None
         assert issue is not None and mlist is not None
-        prepared = delivery.prepare_issue(issue, mlist)
+        prepared = prepare_issue(issue, mlist)
         readers = s.execute(select(Subscriber.email, Subscriber.name).order_by(Subscriber.id)).all()
     prepared = replace(prepared, compiled=prepared.compiled.signed_by(signer))
     # A body with lines a relay rewrites if it can: leading dots (SMTP dot-stuffing), "From ",
@@ -328,7 +331,7 @@ def test_dkim_signatures_verify_after_the_smtp_server(
     sent = []
     with session_of(rt.transport) as conn:
         for number, (address, name) in enumerate(readers):
-            data, _mid = delivery.build_for(
+            data, _mid = build_for(
                 prepared, rt.links, delivery_id=number + 1, email=address, name=name,
                 token=f"tok{number}", date="Sat, 28 Nov 2026 18:00:00 +0000",
             )  # fmt: skip

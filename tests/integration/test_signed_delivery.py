@@ -10,8 +10,9 @@ import dkim as dkimpy
 import pytest
 from sqlalchemy import select
 
-from newsletter import delivery, issues
+from newsletter import issues
 from newsletter.dkim import generate_private_key, write_private_key
+from newsletter.ledger.sender import run_in_process
 from newsletter.models import Delivery, Subscriber
 from newsletter.runtime import Runtime
 from tests.conftest import SmtpServer
@@ -50,7 +51,7 @@ def test_delivered_messages_are_signed_and_carry_their_own_bounce_address(
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-    delivery.run_in_process(
+    run_in_process(
         rt.sessions,
         issue_id,
         batch_ids,

@@ -12,8 +12,17 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.db import make_engine, upgrade
+from newsletter.ledger.batches import refresh_batch_counts
+from newsletter.ledger.cache import IssueCache
+from newsletter.ledger.claims import BatchLease, ClaimedDelivery, claim_batch, release_claims
+from newsletter.ledger.control import cancel_issue, pause_issue, reconcile, resume_issue
+from newsletter.ledger.freeze import start_send
+from newsletter.ledger.outcomes import record_outcome
+from newsletter.ledger.policy import DeliveryPolicy
+from newsletter.ledger.sender import BatchReport, run_in_process, send_batch
+from newsletter.ledger.status import issue_status
 from newsletter.models import Batch, Delivery, DeliveryStatus, IssueStatus
 from newsletter.runtime import Runtime
 from newsletter.transport import Outcome, SendResult
@@ -42,7 +51,7 @@ def ledger(rt: Runtime, issue_id: int) -> dict[str, int]:
 def status(rt: Runtime, issue_id: int) -> dict[str, int]:
     """What `issues status` shows, checked against the ledger."""
     with rt.sessions() as s:
-        shown = delivery.issue_status(s, issue_id)
+        shown = issue_status(s, issue_id)
     assert shown["counts"] == ledger(rt, issue_id)
     assert shown["total"] == sum(shown["counts"].values())
     return {k: v for k, v in shown["counts"].items() if v}
@@ -63,18 +72,16 @@ def live_batches(rt: Runtime, issue_id: int) -> int:
 
 def freeze(rt: Runtime, issue_id: int, batch_size: int) -> list[int]:
     with rt.sessions() as s, s.begin():
-        return delivery.start_send(s, issue_id, batch_size=batch_size)
+        return start_send(s, issue_id, batch_size=batch_size)
 
 
-def send(rt: Runtime, batch_id: int) -> delivery.BatchReport:
-    return delivery.send_batch(
-        rt.sessions, batch_id, rt.transport, rt.links, rt.policy, delivery.IssueCache()
-    )
+def send(rt: Runtime, batch_id: int) -> BatchReport:
+    return send_batch(rt.sessions, batch_id, rt.transport, rt.links, rt.policy, IssueCache())
 
 
-def record_sent(rt: Runtime, s: Session, row: delivery.ClaimedDelivery) -> None:
+def record_sent(rt: Runtime, s: Session, row: ClaimedDelivery) -> None:
     """What a worker writes when the server took the message (caller commits)."""
-    delivery.record_outcome(
+    record_outcome(
         s,
         row,
         SendResult(Outcome.SENT, 250, "2.0.0 queued", "data"),
@@ -92,7 +99,7 @@ def test_counts_agree_through_a_normal_send(rt: Runtime) -> None:
     assert status(rt, issue_id) == {"queued": 12}
     send(rt, batch_ids[0])
     assert status(rt, issue_id) == {"sent": 5, "queued": 7}
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids[1:], rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids[1:], rt.transport, rt.links, rt.policy)
     assert status(rt, issue_id) == {"sent": 12}
     assert issue_row(rt, issue_id).status == IssueStatus.SENT
     assert live_batches(rt, issue_id) == 0
@@ -102,7 +109,7 @@ def test_counts_move_while_a_batch_is_in_flight(rt: Runtime) -> None:
     issue_id = seed_world(rt, confirmed=6)
     [batch_id] = freeze(rt, issue_id, batch_size=10)
     with rt.sessions() as s:
-        _batch, claimed = delivery.claim_batch(s, batch_id, rt.policy)
+        _batch, claimed = claim_batch(s, batch_id, rt.policy)
     assert status(rt, issue_id) == {"claimed": 6}
     # The worker writes each outcome as it goes, without touching the batch row.
     with rt.sessions() as s:
@@ -120,7 +127,7 @@ def test_counts_follow_an_operator_stopping_a_batch_midway(rt: Runtime, action: 
     send(rt, batch_ids[0])
     # A worker holds the second batch and has sent two of its five readers.
     with rt.sessions() as s:
-        batch, claimed = delivery.claim_batch(s, batch_ids[1], rt.policy)
+        batch, claimed = claim_batch(s, batch_ids[1], rt.policy)
     with rt.sessions() as s:
         for row in claimed[:2]:
             record_sent(rt, s, row)
@@ -128,33 +135,33 @@ def test_counts_follow_an_operator_stopping_a_batch_midway(rt: Runtime, action: 
     assert status(rt, issue_id) == {"sent": 7, "claimed": 3, "queued": 2}
     with rt.sessions() as s, s.begin():
         if action == "cancel":
-            assert delivery.cancel_issue(s, issue_id) == 2  # the third batch, not yet claimed
+            assert cancel_issue(s, issue_id) == 2  # the third batch, not yet claimed
         else:
-            delivery.pause_issue(s, issue_id)
+            pause_issue(s, issue_id)
     after = {"sent": 7, "claimed": 3, "cancelled": 2} if action == "cancel" else None
     assert status(rt, issue_id) == (after or {"sent": 7, "claimed": 3, "queued": 2})
     # The worker notices within a second, gives back its untried rows and ends its pass.
     to = DeliveryStatus.CANCELLED if action == "cancel" else DeliveryStatus.QUEUED
-    lease = delivery.BatchLease(rt.sessions, batch, claimed, rt.policy)
+    lease = BatchLease(rt.sessions, batch, claimed, rt.policy)
     with rt.sessions() as s:
-        assert delivery.release_claims(s, lease, claimed[2].id, to) == 3
+        assert release_claims(s, lease, claimed[2].id, to) == 3
         s.commit()
     expected = {"sent": 7, "cancelled": 5} if action == "cancel" else {"sent": 7, "queued": 5}
     assert status(rt, issue_id) == expected
     with rt.sessions() as s:
-        delivery.refresh_batch_counts(s, batch.id)
+        refresh_batch_counts(s, batch.id)
         s.commit()
     assert status(rt, issue_id) == expected
     assert live_batches(rt, issue_id) == 0
     if action == "pause":
         with rt.sessions() as s, s.begin():
-            todo = delivery.resume_issue(s, issue_id)
-        delivery.run_in_process(rt.sessions, issue_id, todo, rt.transport, rt.links, rt.policy)
+            todo = resume_issue(s, issue_id)
+        run_in_process(rt.sessions, issue_id, todo, rt.transport, rt.links, rt.policy)
         assert status(rt, issue_id) == {"sent": 12}
     else:
         # The reconciler finds nothing left to fix.
         with rt.sessions() as s, s.begin():
-            delivery.reconcile(s, requeue_after=timedelta(0), broker_idle=True)
+            reconcile(s, requeue_after=timedelta(0), broker_idle=True)
         assert status(rt, issue_id) == expected
 
 
@@ -178,13 +185,13 @@ def test_counts_follow_retries_and_refusals(rt: Runtime, smtp_server: SmtpServer
     assert status(rt, issue_id) == {"sent": 4, "queued": 1, "failed": 1}
     assert live_batches(rt, issue_id) == 0
     with rt.sessions() as s:
-        errors = [e["error"] for e in delivery.issue_status(s, issue_id)["last_errors"]]
+        errors = [e["error"] for e in issue_status(s, issue_id)["last_errors"]]
     assert len(errors) == 2
     assert any("451" in e for e in errors) and any("550" in e for e in errors)
-    delivery.run_in_process(rt.sessions, issue_id, [], rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, [], rt.transport, rt.links, rt.policy)
     assert status(rt, issue_id) == {"sent": 5, "failed": 1}
     with rt.sessions() as s:
-        shown = delivery.issue_status(s, issue_id)
+        shown = issue_status(s, issue_id)
     assert [e["error"] for e in shown["last_errors"]] == ["permanent: 550 5.1.1 no such user"]
     assert shown["feedback"]["sent"] == 5
 
@@ -192,13 +199,13 @@ def test_counts_follow_retries_and_refusals(rt: Runtime, smtp_server: SmtpServer
 def test_counts_follow_an_expired_lease(rt: Runtime) -> None:
     issue_id = seed_world(rt, confirmed=3)
     [batch_id] = freeze(rt, issue_id, batch_size=100)
-    dead = delivery.DeliveryPolicy(lease_seconds=-1)  # already expired: a dead worker's claim
+    dead = DeliveryPolicy(lease_seconds=-1)  # already expired: a dead worker's claim
     with rt.sessions() as s:
-        _batch, claimed = delivery.claim_batch(s, batch_id, dead)
+        _batch, claimed = claim_batch(s, batch_id, dead)
     assert len(claimed) == 3
     assert status(rt, issue_id) == {"claimed": 3}
     with rt.sessions() as s, s.begin():
-        assert delivery.reconcile(s, requeue_after=timedelta(0), broker_idle=True) == [batch_id]
+        assert reconcile(s, requeue_after=timedelta(0), broker_idle=True) == [batch_id]
     assert status(rt, issue_id) == {"queued": 3}
     assert live_batches(rt, issue_id) == 0
     send(rt, batch_id)
@@ -209,14 +216,14 @@ def test_a_worker_that_died_after_its_last_outcome_is_still_counted_right(rt: Ru
     issue_id = seed_world(rt, confirmed=2)
     [batch_id] = freeze(rt, issue_id, batch_size=10)
     with rt.sessions() as s:
-        _batch, claimed = delivery.claim_batch(s, batch_id, rt.policy)
+        _batch, claimed = claim_batch(s, batch_id, rt.policy)
         for row in claimed:
             record_sent(rt, s, row)
             s.commit()
     # ... and never ended its pass: the batch is still counted live, and right.
     assert status(rt, issue_id) == {"sent": 2}
     with rt.sessions() as s, s.begin():
-        delivery.reconcile(s, requeue_after=timedelta(0), broker_idle=True)
+        reconcile(s, requeue_after=timedelta(0), broker_idle=True)
     assert status(rt, issue_id) == {"sent": 2}
     assert live_batches(rt, issue_id) == 0
     assert issue_row(rt, issue_id).status == IssueStatus.SENT
@@ -245,7 +252,7 @@ def test_counts_of_skipped_readers(rt: Runtime) -> None:
     # Unsubscribed between the freeze and the claim: skipped when the batch is claimed.
     with rt.sessions() as s, s.begin():
         subscriptions.unsubscribe(s, "reader0@example.org", "world", source="one-click")
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
     assert status(rt, issue_id) == {"sent": 4, "skipped": 3}
     with rt.sessions() as s:
         reasons = set(
@@ -306,14 +313,14 @@ def test_batches_cover_every_delivery_once(rt: Runtime) -> None:
     assert [n for _a, _b, n in batches] == [4, 4, 2]
     for delivery_id in ids:
         assert sum(a <= delivery_id <= b for a, b, _n in batches) == 1
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
     assert status(rt, issue_id) == {"sent": 10}
 
 
 def test_an_erased_reader_leaves_an_anonymous_delivery(rt: Runtime) -> None:
     issue_id = seed_world(rt, confirmed=2)
     batch_ids = freeze(rt, issue_id, batch_size=10)
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
     with rt.sessions() as s, s.begin():
         subscriptions.erase_subscriber(
             s, "reader0@example.org", suppression_key=KEY, source="operator"

@@ -9,9 +9,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter import delivery, subscriptions, suppression
+from newsletter import subscriptions, suppression
 from newsletter.db import make_engine, make_sessionmaker
 from newsletter.keyring import SealedKeyError, unseal
+from newsletter.ledger.freeze import start_send
+from newsletter.ledger.sender import run_in_process
 from newsletter.models import (
     Delivery,
     DeliveryStatus,
@@ -89,10 +91,10 @@ def test_a_claim_skips_an_address_suppressed_after_the_freeze(
     rt = make_runtime(db_url, smtp_url=smtp_server.url)
     issue_id = seed_world(rt, confirmed=3)
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
+        batch_ids = start_send(s, issue_id, batch_size=rt.settings.batch_size)
     with rt.sessions() as s, s.begin():
         suppression.suppress(s, "READER1@example.org", rt.suppression_key, "hard_bounce")
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
 
     assert sorted(smtp_server.recorder.recipients()) == [
         "reader0@example.org",

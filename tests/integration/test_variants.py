@@ -9,8 +9,9 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import func, select
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.articles import parse_json
+from newsletter.ledger.sender import run_in_process
 from newsletter.models import DeliveryStatus, IssueVariant
 from newsletter.runtime import Runtime
 from tests.conftest import SmtpServer
@@ -58,7 +59,7 @@ def send(rt: Runtime, issue_id: int) -> None:
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
 
 
 def titles_received(smtp_server: SmtpServer) -> dict[str, set[str]]:

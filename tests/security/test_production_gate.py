@@ -17,8 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.articles import SAMPLE_ARTICLES_DIR, parse_source
+from newsletter.ledger.control import pause_issue
 from newsletter.models import Delivery, Issue, IssueStatus
 from newsletter.runtime import Runtime
 from newsletter.web.app import create_app
@@ -200,7 +201,7 @@ def test_a_resume_in_production_refuses_to_start_while_check_reports_errors(
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-        delivery.pause_issue(s, issue_id)
+        pause_issue(s, issue_id)
     env = prod_env(database_url=pg_url, outbox_dir=str(tmp_path / "outbox"))
     proc = run_cli("issues", "resume", str(issue_id), env=env, check=False)
     assert proc.returncode == 1, f"the send resumed: {proc.stdout}{proc.stderr}"

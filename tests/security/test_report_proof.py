@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from newsletter import delivery, subscriptions
+from newsletter import subscriptions
+from newsletter.ledger.freeze import start_send
+from newsletter.ledger.sender import send_batch
 from newsletter.models import Batch, SubscriptionStatus
 from newsletter.runtime import Runtime
 from tests.conftest import cli_env, run_cli
@@ -47,11 +49,11 @@ def sending_issue(rt: Runtime) -> int:
     the rest still queued, as when a big send is under way."""
     issue_id = seed_world(rt, confirmed=READERS)
     with rt.sessions() as s, s.begin():
-        batch_ids = delivery.start_send(s, issue_id, batch_size=rt.settings.batch_size)
+        batch_ids = start_send(s, issue_id, batch_size=rt.settings.batch_size)
     with rt.sessions() as s:
         first = s.scalar(select(Batch.id).where(Batch.id.in_(batch_ids)).order_by(Batch.first_id))
     assert first is not None
-    delivery.send_batch(rt.sessions, first, rt.transport, rt.links, rt.policy, rt.issue_cache())
+    send_batch(rt.sessions, first, rt.transport, rt.links, rt.policy, rt.issue_cache())
     return issue_id
 
 

@@ -18,8 +18,9 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy import func, select
 
-from newsletter import delivery, issues, subscriptions
+from newsletter import issues, subscriptions
 from newsletter.articles import SAMPLE_ARTICLES_DIR, parse_source
+from newsletter.ledger.sender import run_in_process
 from newsletter.models import Event, Subscriber, Subscription
 from newsletter.runtime import Runtime
 from tests.conftest import Recorder
@@ -176,7 +177,7 @@ def send_next_issue(
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-    delivery.run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
+    run_in_process(rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy)
     return issue_id
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from newsletter import delivery
+from newsletter.ledger.freeze import start_send
 from newsletter.models import SubscriptionStatus
 from newsletter.runtime import Runtime
 from newsletter.suppression import SUPPRESSED_ROW
@@ -295,7 +295,7 @@ def test_pause_resume_and_cancel(rt: Runtime, web: Served, smtp_server: SmtpServ
     issue_id = api(web, "POST", "/issues", json={"list": "world"}).json()["id"]
     # Freeze the audience as a send does, but let nobody deliver yet.
     with rt.sessions() as s, s.begin():
-        delivery.start_send(s, issue_id, batch_size=3)
+        start_send(s, issue_id, batch_size=3)
     paused = api(web, "POST", f"/issues/{issue_id}/pause")
     assert paused.status_code == 200 and paused.json()["status"] == "paused"
     assert api(web, "POST", f"/issues/{issue_id}/pause").status_code == 409

@@ -8,8 +8,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
-from newsletter.delivery import Links
 from newsletter.inbound import unsubscribe_token
+from newsletter.outgoing import Links
 from newsletter.provenance import MessageIds
 from newsletter.tokens import LinkSigner, Purpose, TokenError
 
