@@ -65,7 +65,14 @@ class SentWriter:
     parameters already text: no cursor, no adapters) and returns at once; `collect` waits
     for its result. Between the two the sender's thread carries on with the next message,
     so the write costs no thread hand-off and the wait for the server happens outside the
-    GIL (select on the socket), where a blocking read inside libpq would hold it."""
+    GIL (select on the socket), where a blocking read inside libpq would hold it.
+
+    Kept because a benchmark shows it is needed: benchmarks/bench_e2e.py, in
+    docs/benchmarks.md ("Experiments: what the outcome write costs"): the one-statement
+    write took the end-to-end ratio from 0.219 to 0.441 (453 -> 813 msgs/s) and the workers'
+    CPU from 2.65 to 0.94 ms per message; "Recording outcomes" there measures the overlap
+    of `send`/`collect` with the next message (0.52-0.58 -> 0.33-0.40 ms of worker CPU).
+    SQLite and other drivers use `_RECORD_SENT` through the session instead."""
 
     SQL = (
         "UPDATE deliveries SET status = 'sent', smtp_code = $1, smtp_reply = $2,"
@@ -221,18 +228,22 @@ def record_outcome(
     message_id: str,
     policy: DeliveryPolicy,
     started_at: datetime | None,
-    attempts: int | None = None,
-    lease: Sequence[datetime] | None = None,
+    lease: Sequence[datetime],
 ) -> DeliveryStatus | None:
-    """Write one outcome, only if the row is still ours: claimed and, when `lease` is given,
-    still carrying one of those lease values. Returns the new status, or None when the row
-    was no longer ours. Caller commits.
+    """Write one outcome, only if the row is still ours: claimed and still carrying one of
+    the `lease` values (the claim's fencing token, see claims.BatchLease). Returns the new
+    status, or None when the row was no longer ours. Caller commits.
+
+    Every outcome write is fenced the same way: `sent` through `_RECORD_SENT` (or the
+    SentWriter on PostgreSQL, the same condition in SQL text), every other outcome through
+    the UPDATE below. There is no unfenced path: a worker whose lease lapsed and whose rows
+    were taken over can never overwrite the new owner's state.
 
     A temporary failure comes back after a backoff, per recipient; the last try happens at
     the deadline (`retry_deadline` after the send started) and a failure then is final,
     with the last reply as the error."""
     now = utcnow()
-    if outcome.outcome is Outcome.SENT and lease is not None:
+    if outcome.outcome is Outcome.SENT:
         done = rowcount(
             session.connection().execute(  # Core, not the ORM's execute pipeline: hot path
                 _RECORD_SENT,
@@ -265,8 +276,7 @@ def record_outcome(
                 next_attempt_at=None,
             )
         else:
-            tries = attempts if attempts is not None else delivery.attempts
-            retry_at = min(now + timedelta(seconds=policy.backoff(tries)), deadline)
+            retry_at = min(now + timedelta(seconds=policy.backoff(delivery.attempts)), deadline)
             status = DeliveryStatus.QUEUED
             values.update(next_attempt_at=retry_at, last_error=f"temporary: {outcome.describe()}")
     else:
@@ -276,9 +286,8 @@ def record_outcome(
     mine = [
         DELIVERIES.c.id == delivery.id,
         DELIVERIES.c.status == DeliveryStatus.CLAIMED.value,
+        DELIVERIES.c.lease_expires_at.in_(list(lease)),
     ]
-    if lease is not None:
-        mine.append(DELIVERIES.c.lease_expires_at.in_(list(lease)))
     done = rowcount(session.execute(update(DELIVERIES).where(*mine).values(**values)))
     return status if done else None
 

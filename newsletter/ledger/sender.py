@@ -214,11 +214,29 @@ class _BatchSender:
         date: str,
         throttle: Throttle | None,
     ) -> tuple[SendResult | None, str]:
-        """Build and send one message. (None, "") when the batch must stop before it."""
+        """One message: build -> throttle -> transmit. The outcome is None when the batch
+        must stop before the message goes (paused, cancelled or lease lapsed meanwhile)."""
+        built = self._build(delivery, target, links, date)
+        if isinstance(built, SendResult):
+            return built, ""
+        data, message_id = built
+        refused = self._throttle(conn, delivery, throttle)
+        if refused is not None:
+            return refused, message_id
+        if not self.lease.may_send(delivery.id):  # the limiter may have waited
+            return None, ""
+        assert not isinstance(target, str)
+        return self._transmit(conn, index, delivery, target, data), message_id
+
+    def _build(
+        self, delivery: ClaimedDelivery, target: PreparedIssue | str, links: Links, date: str
+    ) -> tuple[bytes, str] | SendResult:
+        """Step 1, build: the reader's bytes and Message-ID, or the permanent failure of a
+        message that cannot be built (it will not build next time either: it is parked)."""
         if isinstance(target, str):
-            return SendResult(Outcome.PERMANENT, 0, target, "build"), ""
+            return SendResult(Outcome.PERMANENT, 0, target, "build")
         try:
-            data, message_id = build_for(
+            return build_for(
                 target,
                 links,
                 delivery_id=delivery.id,
@@ -228,22 +246,37 @@ class _BatchSender:
                 date=date,
             )
         except Exception as exc:
-            # A message that cannot be built will not build next time either: park it.
             log.warning("delivery %d: cannot build message: %s", delivery.id, exc)
-            return SendResult(Outcome.PERMANENT, 0, f"cannot build message: {exc}", "build"), ""
-        if throttle is not None:
-            # Connected before the token is taken: what follows the token is this message
-            # alone, so the spacing the limiter gives is the spacing the server sees.
-            refused = conn.ready()
-            if refused is not None:
-                return refused, message_id
-            throttle(delivery.email)
-            if not self.lease.may_send(delivery.id):
-                return None, ""
+            return SendResult(Outcome.PERMANENT, 0, f"cannot build message: {exc}", "build")
+
+    def _throttle(
+        self, conn: TransportSession, delivery: ClaimedDelivery, throttle: Throttle | None
+    ) -> SendResult | None:
+        """Step 2, throttle: wait for the rate limits. Connected before the token is taken:
+        what follows the token is this message alone, so the spacing the limiter gives is the
+        spacing the server sees. A server that refuses the connection is the outcome."""
+        if throttle is None:
+            return None
+        refused = conn.ready()
+        if refused is not None:
+            return refused
+        throttle(delivery.email)
+        return None
+
+    def _transmit(
+        self,
+        conn: TransportSession,
+        index: int,
+        delivery: ClaimedDelivery,
+        target: PreparedIssue,
+        data: bytes,
+    ) -> SendResult | None:
+        """Step 3, transmit: envelope and body up to the final "."; then, once the previous
+        message's record is in, the "." itself. None: the batch stopped before the "."."""
         self.lease.progress()
         outcome = conn.begin(target.envelope_for(delivery.id), delivery.email, data)
         if outcome is not None:
-            return outcome, message_id
+            return outcome
         # The server holds all of this message but its final ".": the previous record must
         # be in before the server may take this one.
         try:
@@ -253,16 +286,16 @@ class _BatchSender:
             raise
         if not self.lease.may_send(delivery.id):
             conn.abandon()
-            return None, ""
+            return None
         self.untried = index + 1
-        return conn.finish(), message_id
+        return conn.finish()
 
     def _send_record(
         self, delivery: ClaimedDelivery, outcome: SendResult, message_id: str, counted: bool
     ) -> None:
-        """Hand message N's `sent` record to the database and return: it travels while
-        message N+1 does, and `_settle` reads it back before N+1's final ".". If it cannot
-        even be sent, it is written now, with the usual retries."""
+        """Step 4, record, overlapped: hand message N's `sent` record to the database and
+        return: it travels while message N+1 does, and `_settle` reads it back before N+1's
+        final ".". If it cannot even be sent, it is written now, with the usual retries."""
         assert self.sent_writer is not None
         lease = self.lease
         with lease.lock:
@@ -286,17 +319,16 @@ class _BatchSender:
             return
         assert self.sent_writer is not None
         delivery, outcome, message_id, counted = pending
-        fast: list[DeliveryStatus | None] | None = None
+        written: list[DeliveryStatus | None] = []
         try:
-            written = self.sent_writer.collect()
-            fast = [DeliveryStatus.SENT if written else None]
+            written.append(DeliveryStatus.SENT if self.sent_writer.collect() else None)
         except TRANSIENT_DB_ERRORS as exc:
             log.warning("delivery %d: recording failed (%s); retrying", delivery.id, exc)
         finally:
             with self.lease.lock:
                 self.lease.writing = False
                 self.lease.changed.notify_all()
-        self._record(delivery, outcome, message_id, counted=counted, fast=fast)
+        self._record(delivery, outcome, message_id, counted=counted, written=written)
 
     def _record(
         self,
@@ -305,73 +337,111 @@ class _BatchSender:
         message_id: str,
         *,
         counted: bool,
-        fast: list[DeliveryStatus | None] | None = None,
+        written: list[DeliveryStatus | None] | None = None,
     ) -> bool:
-        """Record one outcome (retrying while the database is briefly away, as long as the
-        lease holds); `fast` is the `sent` write already done by `_send_record`. Returns True
-        when this failure made the issue pause itself."""
-        session, report = self.session, self.report
+        """Step 4, record: write -> feedback -> count -> commit (`_record_once`), retried
+        while the database is briefly away, as long as the lease holds; then the report.
+        `written` holds the `sent` write once it is done (by `_settle`, or by a try here that
+        failed after it), so a retry never writes it twice. Returns True when this failure
+        made the issue pause itself."""
+        written = [] if written is None else written
         delay = 0.2
         while True:
             try:
-                with self.lease.lock:
-                    if self.sent_writer is not None and outcome.outcome is Outcome.SENT:
-                        # Committed by itself (once, even if what follows is retried): the
-                        # session's transaction stays empty unless the failure count below
-                        # needs writing.
-                        if fast is None:
-                            written = self.sent_writer.write(
-                                delivery.id, self.lease.values, outcome, message_id, utcnow()
-                            )
-                            fast = [DeliveryStatus.SENT if written else None]
-                        status = fast[0]
-                        touched = False
-                    else:
-                        touched = True
-                        status = record_outcome(
-                            session,
-                            delivery,
-                            outcome,
-                            message_id=message_id,
-                            policy=self.policy,
-                            started_at=self.started_at,
-                            lease=self.lease.values,
-                        )
-                    paused = False
-                    if status is not None:
-                        if outcome.hard_bounce:  # the DSN policy (newsletter.feedback)
-                            apply_rejection(
-                                session,
-                                delivery.id,
-                                outcome.code,
-                                outcome.reply,
-                                policy=self.policy.feedback,
-                            )
-                        failed = status is not DeliveryStatus.SENT
-                        if counted and (failed or self._reset_wanted()):
-                            paused = note_outcome(
-                                session,
-                                self.batch.issue_id,
-                                failed=failed,
-                                policy=self.policy,
-                                error=outcome.describe(),
-                            )
-                            touched = True
-                            self._reset_due = failed
-                            if not failed:
-                                self._last_reset = time.monotonic()
-                    if touched:
-                        session.commit()
-                    self.lease.owned.discard(delivery.id)
+                status, paused = self._record_once(delivery, outcome, message_id, counted, written)
                 break
             except TRANSIENT_DB_ERRORS as exc:
                 with contextlib.suppress(Exception):
-                    session.rollback()
+                    self.session.rollback()
                 if time.monotonic() + delay >= self.lease.valid_until:
                     raise
                 log.warning("delivery %d: recording failed (%s); retrying", delivery.id, exc)
                 time.sleep(delay)
                 delay = min(2.0, delay * 2)
+        self._report(delivery, outcome, status, paused)
+        return paused
+
+    def _record_once(
+        self,
+        delivery: ClaimedDelivery,
+        outcome: SendResult,
+        message_id: str,
+        counted: bool,
+        written: list[DeliveryStatus | None],
+    ) -> tuple[DeliveryStatus | None, bool]:
+        """One try, under the lease's lock: (the row's new status, or None when it was no
+        longer ours; whether the issue paused itself)."""
+        with self.lease.lock:
+            status = self._write(delivery, outcome, message_id, written)
+            paused = False
+            if status is not None:
+                self._apply_feedback(delivery, outcome)
+                paused = self._count(status, outcome, counted)
+            # Only what the steps above wrote through the session: a `sent` by the writer
+            # is committed by itself, and the session's transaction then stays empty.
+            if self.session.in_transaction():
+                self.session.commit()
+            self.lease.owned.discard(delivery.id)
+        return status, paused
+
+    def _write(
+        self,
+        delivery: ClaimedDelivery,
+        outcome: SendResult,
+        message_id: str,
+        written: list[DeliveryStatus | None],
+    ) -> DeliveryStatus | None:
+        """The outcome onto the row, fenced by our lease (newsletter.ledger.outcomes)."""
+        if self.sent_writer is not None and outcome.outcome is Outcome.SENT:
+            if not written:
+                rows = self.sent_writer.write(
+                    delivery.id, self.lease.values, outcome, message_id, utcnow()
+                )
+                written.append(DeliveryStatus.SENT if rows else None)
+            return written[0]
+        return record_outcome(
+            self.session,
+            delivery,
+            outcome,
+            message_id=message_id,
+            policy=self.policy,
+            started_at=self.started_at,
+            lease=self.lease.values,
+        )
+
+    def _apply_feedback(self, delivery: ClaimedDelivery, outcome: SendResult) -> None:
+        """A refusal at RCPT is a hard bounce: the DSN policy applies (newsletter.feedback)."""
+        if outcome.hard_bounce:
+            apply_rejection(
+                self.session, delivery.id, outcome.code, outcome.reply, policy=self.policy.feedback
+            )
+
+    def _count(self, status: DeliveryStatus, outcome: SendResult, counted: bool) -> bool:
+        """The issue's consecutive-failure count: every failure, and a success's reset only
+        when one is due. True when this failure made the issue pause itself."""
+        failed = status is not DeliveryStatus.SENT
+        if not counted or not (failed or self._reset_wanted()):
+            return False
+        paused = note_outcome(
+            self.session,
+            self.batch.issue_id,
+            failed=failed,
+            policy=self.policy,
+            error=outcome.describe(),
+        )
+        self._reset_due = failed
+        if not failed:
+            self._last_reset = time.monotonic()
+        return paused
+
+    def _report(
+        self,
+        delivery: ClaimedDelivery,
+        outcome: SendResult,
+        status: DeliveryStatus | None,
+        paused: bool,
+    ) -> None:
+        report = self.report
         if status is None:
             log.warning(
                 "delivery %d was taken over after our lease lapsed; not recording %s",
@@ -385,7 +455,6 @@ class _BatchSender:
         else:
             report.retrying += 1
         report.paused_itself |= paused
-        return paused
 
     def _reset_wanted(self) -> bool:
         return self._reset_due or time.monotonic() - self._last_reset >= 1.0

@@ -88,7 +88,7 @@ def record_sent(rt: Runtime, s: Session, row: ClaimedDelivery) -> None:
         message_id=f"<d{row.id}@example.org>",
         policy=rt.policy,
         started_at=None,
-        lease=[row.lease] if row.lease else None,
+        lease=[row.lease] if row.lease else [],
     )
 
 
