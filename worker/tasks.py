@@ -13,6 +13,7 @@ from newsletter.config import get_settings
 from newsletter.ledger import control, freeze, sender
 from newsletter.ledger.batches import TRANSIENT_DB_ERRORS
 from newsletter.ledger.cache import IssueCache
+from newsletter.ledger.policy import backoff
 from newsletter.ratelimit import Throttle
 from newsletter.runtime import Runtime
 from worker.celery_app import SEND_QUEUE, app
@@ -58,7 +59,7 @@ def send_batch(self: Task, batch_id: int) -> dict[str, int]:
             throttle=_throttle(),
         )
     except TRANSIENT_DB_ERRORS as exc:
-        countdown = min(30, 2**self.request.retries)
+        countdown = int(backoff(self.request.retries + 1, base=1, ceiling=30, jitter=False))
         log.warning("batch %d: database unavailable (%s); again in %ds", batch_id, exc, countdown)
         raise self.retry(exc=exc, countdown=countdown) from None
     if report.retry_at is not None:
@@ -138,6 +139,11 @@ def send_confirmation(self: Task, subscription_id: int) -> str:
     if result is None:
         return "nothing to send"
     if result.outcome is Outcome.TEMPORARY and self.request.retries < CONFIRMATION_RETRIES:
-        backoff = rt.settings.retry_base_seconds * 2**self.request.retries
-        raise self.retry(countdown=min(rt.settings.retry_max_seconds, backoff))
+        countdown = backoff(
+            self.request.retries + 1,
+            base=rt.settings.retry_base_seconds,
+            ceiling=rt.settings.retry_max_seconds,
+            jitter=False,
+        )
+        raise self.retry(countdown=countdown)
     return result.outcome.value

@@ -9,6 +9,14 @@ from datetime import timedelta
 from newsletter.feedback_figures import FeedbackPolicy
 
 
+def backoff(attempt: int, *, base: float, ceiling: float, jitter: bool = True) -> float:
+    """The product's one retry delay (deliveries, and the worker's task retries): `base`
+    for the first attempt, doubled for each one after it, at most `ceiling`; with `jitter`
+    a random point in its upper half, which spreads the retries of a batch."""
+    delay = min(ceiling, base * 2 ** max(attempt - 1, 0))
+    return delay / 2 + random.random() * delay / 2 if jitter else delay
+
+
 @dataclass(frozen=True)
 class DeliveryPolicy:
     lease_seconds: int = 600
@@ -25,9 +33,8 @@ class DeliveryPolicy:
     suppression_key: str | None = field(default=None, repr=False)
 
     def backoff(self, attempts: int) -> float:
-        """Exponential with full jitter in its upper half: spreads retries of a batch."""
-        ceiling = min(self.retry_max_seconds, self.retry_base_seconds * 2 ** max(attempts - 1, 0))
-        return ceiling / 2 + random.random() * ceiling / 2
+        """A temporary failure's retry delay, jittered: spreads the retries of a batch."""
+        return backoff(attempts, base=self.retry_base_seconds, ceiling=self.retry_max_seconds)
 
     @property
     def renew_seconds(self) -> float:
