@@ -40,8 +40,8 @@ from sqlalchemy.orm import Session
 from newsletter.addresses import address_key
 from newsletter.bounces import EventType, FeedbackEvent, Verp, parse, redact, smtp_rejection
 from newsletter.feedback_figures import (
+    EventOutcome,
     FeedbackPolicy,
-    Outcome,
     complaint_rate_exceeded,
     pause_for_complaints,
 )
@@ -67,7 +67,7 @@ _CLAIMED_DELIVERY = re.compile(r"<d(\d{1,18})\.")
 @dataclass
 class AppliedEvent:
     event: FeedbackEvent
-    outcome: Outcome
+    outcome: EventOutcome
     subscriber_id: int | None = None
     issue_id: int | None = None
     delivery_id: int | None = None
@@ -75,7 +75,7 @@ class AppliedEvent:
     changed: list[int] = field(default_factory=list)  # subscription ids whose status changed
 
     def describe(self) -> str:
-        if self.outcome is Outcome.UNVERIFIED:
+        if self.outcome is EventOutcome.UNVERIFIED:
             status = f" {self.event.status}" if self.event.status else ""
             return (
                 f"{self.event.type.value}{status} ({self.event.source}): unverified, it proves "
@@ -139,25 +139,25 @@ def apply_event(
     commit."""
     policy = policy or FeedbackPolicy()
     if not event.actionable or target is None:
-        return AppliedEvent(event, Outcome.IGNORED)
+        return AppliedEvent(event, EventOutcome.IGNORED)
     if not target.verified:
         return _store_unverified(session, event, target, source)
     applied = AppliedEvent(
         event,
-        Outcome.UNMATCHED,
+        EventOutcome.UNMATCHED,
         subscriber_id=target.subscriber_id,
         issue_id=target.issue_id,
         delivery_id=target.delivery_id,
     )
     key = _event_key(event, target)
     if session.scalar(select(BounceEvent.id).where(BounceEvent.key == key)) is not None:
-        applied.outcome = Outcome.DUPLICATE
+        applied.outcome = EventOutcome.DUPLICATE
         return applied
     record = BounceEvent(
         key=key,
         kind=event.type.value,
         source=(source or event.source)[:20],
-        outcome=Outcome.UNMATCHED.value,
+        outcome=EventOutcome.UNMATCHED.value,
         issue_id=target.issue_id,
         delivery_id=target.delivery_id,
         status=event.status,
@@ -168,7 +168,7 @@ def apply_event(
             session.add(record)
             session.flush()
     except IntegrityError:  # the same event applied concurrently
-        applied.outcome = Outcome.DUPLICATE
+        applied.outcome = EventOutcome.DUPLICATE
         return applied
     if target.subscriber_id is not None:
         subscriptions = _subscriptions(session, target, event.type)
@@ -201,7 +201,7 @@ def apply_rejection(
     event = smtp_rejection(delivery_id, code, reply)
     delivery = session.get(Delivery, delivery_id)
     if delivery is None:
-        return AppliedEvent(event, Outcome.UNMATCHED)
+        return AppliedEvent(event, EventOutcome.UNMATCHED)
     target = _delivery_target(session, delivery)
     return apply_event(session, event, target=target, policy=policy, source="smtp")
 
@@ -305,11 +305,11 @@ def _claimed_issue(session: Session, event: FeedbackEvent) -> int | None:
 def _store_unverified(
     session: Session, event: FeedbackEvent, target: Target, source: str | None
 ) -> AppliedEvent:
-    applied = AppliedEvent(event, Outcome.UNVERIFIED, issue_id=target.issue_id)
+    applied = AppliedEvent(event, EventOutcome.UNVERIFIED, issue_id=target.issue_id)
     identity = f"{event.type.value}|unverified|{event.recipient}|{event.report_id}"
     key = hashlib.sha256(identity.encode("utf-8")).hexdigest()
     if session.scalar(select(BounceEvent.id).where(BounceEvent.key == key)) is not None:
-        applied.outcome = Outcome.DUPLICATE
+        applied.outcome = EventOutcome.DUPLICATE
         return applied
     try:
         with session.begin_nested():
@@ -318,7 +318,7 @@ def _store_unverified(
                     key=key,
                     kind=event.type.value,
                     source=(source or event.source)[:20],
-                    outcome=Outcome.UNVERIFIED.value,
+                    outcome=EventOutcome.UNVERIFIED.value,
                     issue_id=target.issue_id,
                     status=event.status,
                     detail=redact(event.diagnostic),
@@ -326,7 +326,7 @@ def _store_unverified(
             )
             session.flush()
     except IntegrityError:
-        applied.outcome = Outcome.DUPLICATE
+        applied.outcome = EventOutcome.DUPLICATE
     return applied
 
 
@@ -398,12 +398,12 @@ def _hard_bounce(
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
-) -> Outcome:
+) -> EventOutcome:
     for sub in subscriptions:
         if sub.status in _LIVE and set_status(session, sub, SubscriptionStatus.BOUNCED, "bounce"):
             applied.changed.append(sub.id)
     _suppress(session, target, policy, EventType.HARD_BOUNCE.value)
-    return Outcome.SUPPRESSED if applied.changed else Outcome.UNCHANGED
+    return EventOutcome.SUPPRESSED if applied.changed else EventOutcome.UNCHANGED
 
 
 def _complaint(
@@ -413,14 +413,14 @@ def _complaint(
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
-) -> Outcome:
+) -> EventOutcome:
     for sub in subscriptions:
         if sub.status != SubscriptionStatus.COMPLAINED and set_status(
             session, sub, SubscriptionStatus.COMPLAINED, "complaint"
         ):
             applied.changed.append(sub.id)
     _suppress(session, target, policy, EventType.COMPLAINT.value)
-    return Outcome.SUPPRESSED if applied.changed else Outcome.UNCHANGED
+    return EventOutcome.SUPPRESSED if applied.changed else EventOutcome.UNCHANGED
 
 
 def _suppress(session: Session, target: Target, policy: FeedbackPolicy, reason: str) -> None:
@@ -440,8 +440,8 @@ def _soft_bounce(
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
-) -> Outcome:
-    outcome = Outcome.UNCHANGED
+) -> EventOutcome:
+    outcome = EventOutcome.UNCHANGED
     for sub in subscriptions:
         if sub.status not in _LIVE:
             continue
@@ -450,13 +450,13 @@ def _soft_bounce(
         ):
             sub.soft_bounces = 0
         sub.soft_bounces = (sub.soft_bounces or 0) + 1
-        outcome = Outcome.COUNTED
+        outcome = EventOutcome.COUNTED
         if sub.soft_bounces >= policy.soft_bounce_limit and set_status(
             session, sub, SubscriptionStatus.BOUNCED, "soft-bounces"
         ):
             applied.changed.append(sub.id)
     session.flush()
-    return Outcome.SUPPRESSED if applied.changed else outcome
+    return EventOutcome.SUPPRESSED if applied.changed else outcome
 
 
 def _delivered(
@@ -466,14 +466,14 @@ def _delivered(
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
-) -> Outcome:
+) -> EventOutcome:
     reset = False
     for sub in subscriptions:
         if sub.soft_bounces:
             sub.soft_bounces = 0
             reset = True
     session.flush()
-    return Outcome.RESET if reset else Outcome.UNCHANGED
+    return EventOutcome.RESET if reset else EventOutcome.UNCHANGED
 
 
 def _unsubscribe(
@@ -483,13 +483,13 @@ def _unsubscribe(
     subscriptions: Sequence[Subscription],
     policy: FeedbackPolicy,
     applied: AppliedEvent,
-) -> Outcome:
+) -> EventOutcome:
     for sub in subscriptions:
         if sub.status in _LIVE and set_status(
             session, sub, SubscriptionStatus.UNSUBSCRIBED, "mailto"
         ):
             applied.changed.append(sub.id)
-    return Outcome.UNSUBSCRIBED if applied.changed else Outcome.UNCHANGED
+    return EventOutcome.UNSUBSCRIBED if applied.changed else EventOutcome.UNCHANGED
 
 
 _APPLY = {
@@ -510,7 +510,7 @@ def _delivered_since_last_soft_bounce(
         select(func.max(BounceEvent.delivery_id)).where(
             BounceEvent.subscription_id == sub.id,
             BounceEvent.kind == EventType.SOFT_BOUNCE.value,
-            BounceEvent.outcome.in_((Outcome.COUNTED.value, Outcome.SUPPRESSED.value)),
+            BounceEvent.outcome.in_((EventOutcome.COUNTED.value, EventOutcome.SUPPRESSED.value)),
             BounceEvent.delivery_id != delivery_id,
         )
     )

@@ -19,7 +19,7 @@ from newsletter.bounces import EventType
 from newsletter.models import BounceEvent, Delivery, DeliveryStatus, Issue, IssueStatus
 
 
-class Outcome(enum.StrEnum):
+class EventOutcome(enum.StrEnum):
     """What applying one event did."""
 
     SUPPRESSED = "suppressed"  # a subscription became bounced or complained
@@ -56,14 +56,14 @@ def issue_feedback(session: Session, issue_id: int, *, sent: int | None = None) 
         select(events.kind, events.outcome, func.count())
         .where(
             events.issue_id == issue_id,
-            events.outcome.not_in((Outcome.DUPLICATE.value, Outcome.IGNORED.value)),
+            events.outcome.not_in((EventOutcome.DUPLICATE.value, EventOutcome.IGNORED.value)),
         )
         .group_by(events.kind, events.outcome)
     ).all()
     by_kind: dict[str, int] = {}
     unverified = 0
     for kind, outcome, n in rows:
-        if outcome == Outcome.UNVERIFIED.value:
+        if outcome == EventOutcome.UNVERIFIED.value:
             unverified += n
         else:
             by_kind[kind] = by_kind.get(kind, 0) + n
@@ -94,7 +94,9 @@ def complaint_rate_exceeded(
         select(func.count()).where(
             BounceEvent.issue_id == issue_id,
             BounceEvent.kind == EventType.COMPLAINT.value,
-            BounceEvent.outcome.not_in((Outcome.DUPLICATE.value, Outcome.UNVERIFIED.value)),
+            BounceEvent.outcome.not_in(
+                (EventOutcome.DUPLICATE.value, EventOutcome.UNVERIFIED.value)
+            ),
         )
     )
     sent = _sent(session, issue_id)

@@ -374,7 +374,7 @@ class BounceEvent(Base):
     key: Mapped[str] = mapped_column(String(64), unique=True)
     kind: Mapped[str] = mapped_column(String(20))  # bounces.EventType
     source: Mapped[str] = mapped_column(String(20))  # dsn, arf, text, mailto, webhook
-    outcome: Mapped[str] = mapped_column(String(20))  # feedback.Outcome
+    outcome: Mapped[str] = mapped_column(String(20))  # feedback.EventOutcome
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     issue_id: Mapped[int | None] = mapped_column(
         ForeignKey("issues.id", ondelete="CASCADE"), index=True

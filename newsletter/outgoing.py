@@ -10,11 +10,6 @@ from typing import TYPE_CHECKING
 from newsletter.addresses import domain_of, parse_from_address
 from newsletter.message import CompiledMessage, IssueMessageSpec, Recipient
 from newsletter.message import make_message_id as _make_message_id
-from newsletter.models import (
-    Issue,
-    IssueVariant,
-    MailingList,
-)
 from newsletter.placeholders import Markers
 from newsletter.provenance import MessageIds
 from newsletter.tokens import LinkSigner, Purpose, link
@@ -22,6 +17,7 @@ from newsletter.tokens import LinkSigner, Purpose, link
 if TYPE_CHECKING:
     from newsletter.bounces import Verp
     from newsletter.dkim import DkimSigner
+    from newsletter.models import Issue, IssueVariant, MailingList
 
 
 @dataclass(frozen=True)

@@ -8,23 +8,12 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import (
-    Table,
-    func,
-    literal_column,
-    select,
-    update,
-)
+from sqlalchemy import Table, func, literal_column, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
-from newsletter.models import (
-    Batch,
-    Delivery,
-    DeliveryStatus,
-    Issue,
-)
+from newsletter.models import Batch, Delivery, DeliveryStatus, Issue
 
 DELIVERIES = cast(Table, Delivery.__table__)
 ISSUES = cast(Table, Issue.__table__)

@@ -10,11 +10,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from newsletter.errors import NotFound
-from newsletter.models import (
-    Issue,
-    IssueVariant,
-    MailingList,
-)
+from newsletter.models import Issue, IssueVariant, MailingList
 
 if TYPE_CHECKING:
     from newsletter.bounces import Verp

@@ -12,16 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import (
-    DateTime,
-    Table,
-    and_,
-    bindparam,
-    exists,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import DateTime, Table, and_, bindparam, exists, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.errors import NotFound

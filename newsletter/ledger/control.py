@@ -7,14 +7,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import (
-    and_,
-    exists,
-    func,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from newsletter.errors import Conflict, NotFound
@@ -29,14 +22,7 @@ from newsletter.ledger.batches import (
     store_counts,
 )
 from newsletter.ledger.claims import expire_range
-from newsletter.models import (
-    Batch,
-    Delivery,
-    DeliveryStatus,
-    Issue,
-    IssueStatus,
-    utcnow,
-)
+from newsletter.models import Batch, Delivery, DeliveryStatus, Issue, IssueStatus, utcnow
 
 
 def next_check_at(session: Session, batch: Batch) -> datetime | None:

@@ -11,13 +11,7 @@ from datetime import datetime, timedelta
 from select import select as wait_readable
 from typing import Any
 
-from sqlalchemy import (
-    DateTime,
-    Integer,
-    String,
-    bindparam,
-    update,
-)
+from sqlalchemy import DateTime, Integer, String, bindparam, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -25,12 +19,7 @@ from sqlalchemy.orm import Session
 from newsletter.ledger.batches import DELIVERIES, aware, rowcount
 from newsletter.ledger.claims import ClaimedDelivery
 from newsletter.ledger.policy import DeliveryPolicy
-from newsletter.models import (
-    DeliveryStatus,
-    Issue,
-    IssueStatus,
-    utcnow,
-)
+from newsletter.models import DeliveryStatus, Issue, IssueStatus, utcnow
 from newsletter.transport import Outcome, SendResult
 
 # The common outcome, written once per message: built once, not per call (building an

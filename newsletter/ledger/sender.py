@@ -11,9 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import (
-    select,
-)
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from newsletter.feedback import apply_rejection
@@ -30,14 +28,7 @@ from newsletter.ledger.control import (
 from newsletter.ledger.outcomes import SentWriter, note_outcome, record_outcome
 from newsletter.ledger.policy import DeliveryPolicy
 from newsletter.message import format_date
-from newsletter.models import (
-    Batch,
-    Delivery,
-    DeliveryStatus,
-    Issue,
-    IssueStatus,
-    utcnow,
-)
+from newsletter.models import Batch, Delivery, DeliveryStatus, Issue, IssueStatus, utcnow
 from newsletter.outgoing import Links, PreparedIssue, build_for
 from newsletter.ratelimit import Throttle
 from newsletter.transport import Outcome, SendResult, Transport, TransportSession, session_of

@@ -4,24 +4,13 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-from sqlalchemy import (
-    Table,
-    case,
-    func,
-    null,
-    or_,
-    select,
-)
+from sqlalchemy import Table, case, func, null, or_, select
 from sqlalchemy.orm import Session
 
 from newsletter.errors import NotFound
 from newsletter.feedback_figures import issue_feedback
 from newsletter.ledger.batches import BATCHES, COUNTS, DELIVERIES, LIVE
-from newsletter.models import (
-    DELIVERY_ERRORS,
-    DeliveryStatus,
-    Issue,
-)
+from newsletter.models import DELIVERY_ERRORS, DeliveryStatus, Issue
 
 
 def delivery_counts(session: Session, issue_id: int) -> dict[str, int]:

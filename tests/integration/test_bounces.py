@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from newsletter import feedback, feedback_figures, issues, subscriptions
 from newsletter.bounces import EventType, Verp
-from newsletter.feedback import AppliedEvent, FeedbackPolicy, Outcome
+from newsletter.feedback import AppliedEvent, EventOutcome, FeedbackPolicy
 from newsletter.ledger.cache import IssueCache
 from newsletter.ledger.freeze import start_send
 from newsletter.ledger.sender import run_in_process, send_batch
@@ -157,7 +157,7 @@ def test_a_hard_bounce_suppresses_at_once_and_the_next_issue_skips_the_reader(
     issue_id = seed_world(rt, confirmed=3)
     send(rt, issue_id)
     applied = ingest(rt, returned(rt, "postfix_hard.eml", issue_id, "reader1@example.org"))
-    assert [a.outcome for a in applied] == [Outcome.SUPPRESSED]
+    assert [a.outcome for a in applied] == [EventOutcome.SUPPRESSED]
     assert applied[0].delivery_id == the_delivery(rt, issue_id, "reader1@example.org").id
     assert state(rt, "reader1@example.org") == (SubscriptionStatus.BOUNCED, 0)
     smtp_server.recorder.messages.clear()
@@ -175,11 +175,11 @@ def test_the_same_event_twice_changes_nothing(rt: Runtime) -> None:
     hard = returned(rt, "gmail_hard.eml", issue_id, "reader1@example.org")
     first = [a.outcome for raw in (soft, hard) for a in ingest(rt, raw)]
     again = [a.outcome for raw in (soft, hard) for a in ingest(rt, raw)]
-    assert first == [Outcome.COUNTED, Outcome.SUPPRESSED]
-    assert again == [Outcome.DUPLICATE, Outcome.DUPLICATE]
+    assert first == [EventOutcome.COUNTED, EventOutcome.SUPPRESSED]
+    assert again == [EventOutcome.DUPLICATE, EventOutcome.DUPLICATE]
     # Another relay's report of the same failure of the same delivery is the same event.
     other_report = soft.replace(b"dsn.7f3a91c2@relay.example.net", b"other.99@relay2.example")
-    assert [a.outcome for a in ingest(rt, other_report)] == [Outcome.DUPLICATE]
+    assert [a.outcome for a in ingest(rt, other_report)] == [EventOutcome.DUPLICATE]
     assert state(rt, "reader0@example.org") == (SubscriptionStatus.ACTIVE, 1)
     with rt.sessions() as s:
         assert s.scalar(select(func.count()).select_from(BounceEvent)) == 2
@@ -219,7 +219,7 @@ def test_a_positive_dsn_resets_the_soft_bounce_count(rt: Runtime) -> None:
     delivered = returned(rt, "postfix_delayed.eml", second, email)
     delivered = delivered.replace(b"Action: delayed", b"Action: delivered")
     delivered = delivered.replace(b"Status: 4.4.1", b"Status: 2.0.0")
-    assert [a.outcome for a in ingest(rt, delivered)] == [Outcome.RESET]
+    assert [a.outcome for a in ingest(rt, delivered)] == [EventOutcome.RESET]
     assert state(rt, email) == (SubscriptionStatus.ACTIVE, 0)
 
 
@@ -232,7 +232,7 @@ def test_a_complaint_suppresses_every_list(rt: Runtime) -> None:
     send(rt, issue_id)
     applied = ingest(rt, returned(rt, "arf_complaint.eml", issue_id, email))
     assert [(a.event.type, a.outcome) for a in applied] == [
-        (EventType.COMPLAINT, Outcome.SUPPRESSED)
+        (EventType.COMPLAINT, EventOutcome.SUPPRESSED)
     ]
     assert state(rt, email, "world") == (SubscriptionStatus.COMPLAINED, 0)
     assert state(rt, email, "science") == (SubscriptionStatus.COMPLAINED, 0)
@@ -269,14 +269,14 @@ def test_without_verp_our_message_id_names_the_delivery_and_a_forged_one_does_no
     )
     applied = ingest(rt, forged, with_verp=False)
     assert [(a.outcome, a.delivery_id, a.issue_id) for a in applied] == [
-        (Outcome.UNVERIFIED, None, issue_id)
+        (EventOutcome.UNVERIFIED, None, issue_id)
     ]
     assert state(rt, "reader1@example.org")[0] == SubscriptionStatus.ACTIVE
     # A forged VERP address is no address at all: the mangled DSN then proves nothing.
     mangled = returned(rt, "mangled_dsn.eml", issue_id, "reader2@example.org")
     genuine = verp(rt).address(the_delivery(rt, issue_id, "reader2@example.org").id)
     mangled = mangled.replace(genuine.encode(), b"bounces+1-000000000000@bounces.example.org")
-    assert [a.outcome for a in ingest(rt, mangled)] == [Outcome.UNVERIFIED]
+    assert [a.outcome for a in ingest(rt, mangled)] == [EventOutcome.UNVERIFIED]
     assert state(rt, "reader2@example.org")[0] == SubscriptionStatus.ACTIVE
 
 
@@ -292,14 +292,14 @@ def test_mail_to_the_unsubscribe_address_unsubscribes_only_with_a_genuine_token(
     genuine = sample.replace(sample.split("Subject: ", 1)[1].split("\n", 1)[0], subject)
     applied = ingest(rt, genuine.encode())
     assert [(a.event.type, a.outcome) for a in applied] == [
-        (EventType.UNSUBSCRIBE, Outcome.UNSUBSCRIBED)
+        (EventType.UNSUBSCRIBE, EventOutcome.UNSUBSCRIBED)
     ]
     assert state(rt, "reader0@example.org")[0] == SubscriptionStatus.UNSUBSCRIBED
     # The sample's token is signed with the test key but names no subscription; a token
     # with a bad signature is refused before any lookup.
-    assert [a.outcome for a in ingest(rt, sample.encode())] == [Outcome.UNMATCHED]
+    assert [a.outcome for a in ingest(rt, sample.encode())] == [EventOutcome.UNMATCHED]
     forged = genuine.replace(subject[-6:], "AAAAAA").replace("CAFx8mQ0", "CAFx8mQ1")
-    assert [a.outcome for a in ingest(rt, forged.encode())] == [Outcome.UNMATCHED]
+    assert [a.outcome for a in ingest(rt, forged.encode())] == [EventOutcome.UNMATCHED]
     assert state(rt, "reader1@example.org")[0] == SubscriptionStatus.ACTIVE
 
 
