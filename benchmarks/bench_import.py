@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from newsletter import subscriptions  # noqa: E402
+from newsletter import import_rows, subscriptions  # noqa: E402
 from newsletter.addresses import normalize_email  # noqa: E402
 from newsletter.db import make_engine, make_sessionmaker, upgrade  # noqa: E402
 from newsletter.models import Suppression  # noqa: E402
@@ -252,7 +252,7 @@ def main() -> None:
     print(f"import_seconds: {ours:.2f}")
     print(f"import_rows_per_s: {ours_rate:.0f}")
     print(f"import_peak_rss_mb: {peak_mb:.0f}")
-    print(f"import_helpers: {subscriptions.import_helpers(int(size_mb * 1e6))}")
+    print(f"import_helpers: {import_rows.import_helpers(int(size_mb * 1e6))}")
     print(f"import_empty_file_seconds: {empty_seconds:.2f}")
     print(f"import_empty_file_peak_rss_mb: {empty_mb:.0f}")
     print(f"psql_copy_seconds: {reference:.2f}")

@@ -69,7 +69,7 @@ def serve(mode: str, port: int) -> None:
     import uvicorn
     from fastapi.concurrency import run_in_threadpool
 
-    from newsletter import subscriptions
+    from newsletter import import_rows, imports
     from newsletter.config import Settings
     from newsletter.runtime import Runtime
     from newsletter.web.app import create_app
@@ -79,9 +79,9 @@ def serve(mode: str, port: int) -> None:
     if mode == "reference":
 
         def old_import(slug: str, data: bytes) -> dict[str, object]:
-            stream = subscriptions.read_text_stream(data, "body")
+            stream = import_rows.read_text_stream(data, "body")
             with rt.sessions() as s, s.begin():
-                report = subscriptions.import_csv(
+                report = imports.import_csv(
                     s, stream, slug, suppression_key=rt.suppression_key, source="api", name="body"
                 )
             return {**report.as_dict(), "summary": report.summary()}

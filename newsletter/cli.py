@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from newsletter import subscriptions
+from newsletter import import_rows, imports, subscriptions
 from newsletter.articles import ArticleParseError, parse_source
 from newsletter.config import ConfigError, get_settings
 from newsletter.db import upgrade
@@ -181,8 +181,8 @@ def subs_import(
 ) -> None:
     """Import a CSV with a header row (email required; name and other columns optional)."""
     # Read as it is imported, never held whole: a million-row file stays a few MB.
-    with subscriptions.open_text_file(file, str(file)) as stream, transaction() as s:
-        report = subscriptions.import_csv(
+    with import_rows.open_text_file(file, str(file)) as stream, transaction() as s:
+        report = imports.import_csv(
             s,
             stream,
             list_slug,
@@ -190,7 +190,7 @@ def subs_import(
             strict=strict,
             suppression_key=rt().suppression_key,
             name=str(file),
-            helpers=subscriptions.import_helpers(file.stat().st_size),
+            helpers=import_rows.import_helpers(file.stat().st_size),
         )
     if as_json:
         out(report.as_dict())

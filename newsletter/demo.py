@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from newsletter import issues, subscriptions
+from newsletter import imports, issues, subscriptions
 from newsletter.articles import SAMPLE_ARTICLES_DIR, parse_source
 from newsletter.db import upgrade
 from newsletter.errors import Conflict
@@ -82,10 +82,10 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
             issues.store_articles(s, parse_source(path.name, path.read_bytes()), source=path.name)
         with contextlib.suppress(Conflict):  # a previous run made it
             subscriptions.create_list(s, LIST_SLUG, "World Digest", "World Desk <desk@example.org>")
-        subscriptions.import_csv(
+        imports.import_csv(
             s, io.StringIO(demo_csv(True)), LIST_SLUG, confirmed=True, suppression_key=key
         )
-        subscriptions.import_csv(
+        imports.import_csv(
             s, io.StringIO(demo_csv(False)), LIST_SLUG, confirmed=False, suppression_key=key
         )
         # One reader who left: never mailed, however often the demo runs.

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
-from newsletter import feedback, issues, subscriptions
+from newsletter import feedback, import_rows, imports, issues, subscriptions
 from newsletter.addresses import normalize_email
 from newsletter.articles import parse_json
 from newsletter.errors import InvalidInput, NewsletterError
@@ -215,8 +215,8 @@ async def import_subscribers(
 def _import(
     ctx: WebContext, slug: str, path: Path, confirmed: bool, strict: bool
 ) -> dict[str, Any]:
-    with subscriptions.open_text_file(path, "body") as stream, ctx.transaction() as s:
-        report = subscriptions.import_csv(
+    with import_rows.open_text_file(path, "body") as stream, ctx.transaction() as s:
+        report = imports.import_csv(
             s,
             stream,
             slug,

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP as SMTPProtocol
 from aiosmtpd.smtp import Envelope, Session
 from sqlalchemy import create_engine, select, text
 
-from newsletter import issues, subscriptions
+from newsletter import imports, issues, subscriptions
 from newsletter.articles import parse_source
 from newsletter.ledger.status import issue_status
 from newsletter.models import Delivery, Issue
@@ -465,7 +465,7 @@ def seed(rt: Runtime, addresses: list[str]) -> int:
         rows = "\n".join(f"{a},Reader {i}" for i, a in enumerate(addresses))
         import io
 
-        subscriptions.import_csv(
+        imports.import_csv(
             s,
             io.StringIO("email,name\n" + rows + "\n"),
             "world",

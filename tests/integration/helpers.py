@@ -8,7 +8,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from newsletter import issues, subscriptions
+from newsletter import imports, issues, subscriptions
 from newsletter.articles import parse_source
 from newsletter.models import Delivery, Issue
 from newsletter.runtime import Runtime
@@ -37,7 +37,7 @@ def seed_world(rt: Runtime, *, confirmed: int, pending: int = 0, unsubscribed: i
         subscriptions.create_list(s, "world", "World Digest", "World Desk <desk@example.org>")
         rows = [f"reader{i}@example.org,Reader {i}" for i in range(confirmed)]
         rows += [f"gone{i}@example.org,Gone {i}" for i in range(unsubscribed)]
-        subscriptions.import_csv(
+        imports.import_csv(
             s,
             io.StringIO("email,name\n" + "\n".join(rows) + "\n"),
             "world",
@@ -48,7 +48,7 @@ def seed_world(rt: Runtime, *, confirmed: int, pending: int = 0, unsubscribed: i
             subscriptions.unsubscribe(s, f"gone{i}@example.org", "world", source="page")
         if pending:
             pend = "\n".join(f"pending{i}@example.org" for i in range(pending))
-            subscriptions.import_csv(
+            imports.import_csv(
                 s, io.StringIO("email\n" + pend + "\n"), "world", suppression_key=KEY
             )
         issues.store_articles(s, parse_source(SEED.name, SEED.read_bytes()), source="seed")

@@ -21,7 +21,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
 
-from newsletter import issues, subscriptions
+from newsletter import imports, issues, subscriptions
 from newsletter.addresses import check_text
 from newsletter.articles import parse_source
 from newsletter.dkim import DkimSigner, generate_private_key
@@ -103,7 +103,7 @@ def test_csv_import_refuses_injected_names(rt: Runtime, name: str) -> None:
 
     csv.writer(buffer).writerows([["email", "name"], ["eve@example.org", name]])
     with rt.sessions() as s, s.begin():
-        report = subscriptions.import_csv(
+        report = imports.import_csv(
             s, io.StringIO(buffer.getvalue()), "world", confirmed=True, suppression_key=KEY
         )
     assert report.imported == 0 and len(report.rejected) == 1
@@ -117,7 +117,7 @@ def test_csv_import_refuses_injected_addresses(rt: Runtime) -> None:
         'email,name\n"eve@example.org\r\nBcc: x@example.net",Eve\n"=?utf-8?q?a?=@example.org",A\n'
     )
     with rt.sessions() as s, s.begin():
-        report = subscriptions.import_csv(
+        report = imports.import_csv(
             s, io.StringIO(data), "world", confirmed=True, suppression_key=KEY
         )
     assert report.imported == 0 and len(report.rejected) == 2

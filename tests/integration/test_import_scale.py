@@ -10,14 +10,14 @@ from collections.abc import Callable
 import pytest
 from sqlalchemy import ColumnElement, func, select
 
-from newsletter import subscriptions
+from newsletter import import_rows, imports, subscriptions
 from newsletter.errors import InvalidInput
 from newsletter.models import Event, Subscriber, Subscription, SubscriptionStatus
 from newsletter.runtime import Runtime
 from newsletter.suppression import SUPPRESSED_ROW
 
 KEY = "test-secret-key"
-ROWS = subscriptions._CHUNK_ROWS * 2 + 17  # three chunks
+ROWS = import_rows._CHUNK_ROWS * 2 + 17  # three chunks
 # Read by this process alone, and by two helper processes in blocks of 4 KB (PostgreSQL; on
 # SQLite the rows are read here either way).
 HELPED = pytest.mark.parametrize("helpers", [0, 2], ids=["alone", "helpers"])
@@ -25,7 +25,7 @@ HELPED = pytest.mark.parametrize("helpers", [0, 2], ids=["alone", "helpers"])
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(subscriptions, "_BLOCK_CHARS", 4096)
+    monkeypatch.setattr(import_rows, "_BLOCK_CHARS", 4096)
 
 
 @pytest.fixture
@@ -43,11 +43,11 @@ def count(rt: Runtime, model: type, *where: ColumnElement[bool]) -> int:
 
 def do_import(
     rt: Runtime, data: str, list_slug: str = "world", key: str = KEY, **kw: object
-) -> subscriptions.ImportReport:
+) -> imports.ImportReport:
     with rt.sessions() as s, s.begin():
-        return subscriptions.import_csv(
+        return imports.import_csv(
             s,
-            subscriptions.read_text_stream(data.encode("utf-8"), "in.csv"),
+            import_rows.read_text_stream(data.encode("utf-8"), "in.csv"),
             list_slug,
             suppression_key=key,
             name="in.csv",

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Connection, func, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from newsletter import subscriptions
+from newsletter import import_rows, imports, subscriptions
 from newsletter.errors import Conflict, InvalidInput, NotFound
 from newsletter.models import Event, MailingList, Subscriber, Subscription, SubscriptionStatus
 from newsletter.runtime import Runtime
@@ -33,11 +33,11 @@ def count(rt: Runtime, model: type, *where: object) -> int:
         return int(s.scalar(select(func.count()).select_from(model).where(*where)) or 0)
 
 
-def do_import(rt: Runtime, data: str, **kw: object) -> subscriptions.ImportReport:
+def do_import(rt: Runtime, data: str, **kw: object) -> imports.ImportReport:
     with rt.sessions() as s, s.begin():
-        return subscriptions.import_csv(
+        return imports.import_csv(
             s,
-            subscriptions.read_text_stream(data.encode("utf-8"), "in.csv"),
+            import_rows.read_text_stream(data.encode("utf-8"), "in.csv"),
             "world",
             suppression_key=KEY,
             name="in.csv",
@@ -121,7 +121,7 @@ def test_broken_csv_structure_is_one_error_and_writes_nothing(rt: Runtime) -> No
     with pytest.raises(InvalidInput, match="no 'email' column"):
         do_import(rt, "mail,name\na@example.org,A\n")
     with pytest.raises(InvalidInput, match="not UTF-8"):
-        subscriptions.read_text_stream(b"email\n\xff\xfe@x.org\n", "in.csv")
+        import_rows.read_text_stream(b"email\n\xff\xfe@x.org\n", "in.csv")
     assert count(rt, Subscriber) == 0
 
 
@@ -211,8 +211,8 @@ def test_the_event_log_forgets_erased_readers_and_deleted_lists(rt: Runtime) -> 
     # The import's record stays: it names nobody, and says how many it added.
     assert count(rt, Event, Event.kind == "imported", Event.detail.startswith("2 reader")) == 1
     with rt.sessions() as s, s.begin():
-        data = subscriptions.read_text_stream(b"email\nnew@example.org\n", "local.csv")
-        subscriptions.import_csv(s, data, "local", suppression_key=KEY, name="local.csv")
+        data = import_rows.read_text_stream(b"email\nnew@example.org\n", "local.csv")
+        imports.import_csv(s, data, "local", suppression_key=KEY, name="local.csv")
     local_events = count(rt, Event, Event.list_id == other_id)
     assert local_events >= 2
     with rt.sessions() as s, s.begin():
@@ -337,9 +337,9 @@ def test_an_import_holds_its_list_and_the_readers_it_did_not_create(
     ):
         with rt.sessions() as importing, rt.engine.connect() as other:
             importing.begin()
-            report = subscriptions.import_csv(
+            report = imports.import_csv(
                 importing,
-                subscriptions.read_text_stream(data, "f"),
+                import_rows.read_text_stream(data, "f"),
                 "world",
                 confirmed=True,
                 suppression_key=KEY,

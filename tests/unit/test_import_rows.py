@@ -12,19 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from newsletter import subscriptions
+from newsletter import import_rows, subscriptions
 from newsletter.errors import InvalidInput
 
 
 def read(data: str, size: int = 5000) -> tuple[list[tuple], list[tuple[int, str]], int]:
-    rows = subscriptions.parse_csv(io.StringIO(data, newline=""), "in.csv")
+    rows = import_rows.parse_csv(io.StringIO(data, newline=""), "in.csv")
     good = [row for chunk in rows.chunks(size) for row in chunk]
     return good, rows.rejected, rows.good
 
 
 def test_rows_come_in_chunks_with_their_line_numbers() -> None:
     data = "email,name\n" + "".join(f"u{i}@example.org,U {i}\n" for i in range(12))
-    rows = subscriptions.parse_csv(io.StringIO(data, newline=""), "in.csv")
+    rows = import_rows.parse_csv(io.StringIO(data, newline=""), "in.csv")
     sizes = [len(chunk) for chunk in rows.chunks(5)]
     assert sizes == [5, 5, 2] and rows.good == 12
     good, _, _ = read(data)
@@ -71,11 +71,11 @@ def test_header_with_a_bom_the_caller_kept_and_in_any_case() -> None:
 )
 def test_a_broken_header_is_one_error_at_once(data: str, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        subscriptions.parse_csv(io.StringIO(data, newline=""), "in.csv")
+        import_rows.parse_csv(io.StringIO(data, newline=""), "in.csv")
 
 
 def test_an_unterminated_quote_is_one_error_naming_the_file() -> None:
-    rows = subscriptions.parse_csv(
+    rows = import_rows.parse_csv(
         io.StringIO('email,name\na@example.org,"open\n', newline=""), "in.csv"
     )
     with pytest.raises(InvalidInput, match=r"^in\.csv: line \d+: "):
@@ -125,8 +125,8 @@ def copy_fields(text: str) -> list[list[str | None]]:
 )
 def test_copy_text_escapes_what_needs_it(name: str | None, attributes: str | None) -> None:
     chunk = [(2, "a@example.org", name, attributes), (3, "b@example.org", None, None)]
-    tokens = subscriptions._ImportTokens().take(2)
-    text = subscriptions._copy_text(chunk, tokens, lambda e: "h-" + e)
+    tokens = import_rows._ImportTokens().take(2)
+    text = import_rows._copy_text(chunk, tokens, lambda e: "h-" + e)
     assert copy_fields(text) == [
         ["2", "a@example.org", name, attributes, tokens[0], "h-a@example.org"],
         ["3", "b@example.org", None, None, tokens[1], "h-b@example.org"],
@@ -134,7 +134,7 @@ def test_copy_text_escapes_what_needs_it(name: str | None, attributes: str | Non
 
 
 def test_tokens_are_url_safe_unguessable_distinct_and_in_order() -> None:
-    source = subscriptions._ImportTokens(started=1_800_000_000)
+    source = import_rows._ImportTokens(started=1_800_000_000)
     tokens = source.take(5000) + source.take(5000)
     assert len(set(tokens)) == 10_000
     # 16 hex digits counting up, then 16 base64 characters: 96 random bits, URL-safe.
@@ -144,53 +144,53 @@ def test_tokens_are_url_safe_unguessable_distinct_and_in_order() -> None:
     assert tokens == sorted(tokens)
     assert tokens[0].startswith(f"{1_800_000_000 << 32:016x}")
     # A later import starts after an earlier one.
-    assert subscriptions._ImportTokens(started=1_800_000_001).take(1)[0] > tokens[-1]
+    assert import_rows._ImportTokens(started=1_800_000_001).take(1)[0] > tokens[-1]
 
 
 @pytest.mark.parametrize("key", ["k", "test-secret-key", "x" * 64, "long-" * 40, "ключ"])
 def test_bulk_suppression_hash_is_the_same_hmac(key: str) -> None:
-    fast = subscriptions._suppression_hasher(key)
+    fast = import_rows._suppression_hasher(key)
     for email in ("Ann@example.org", "ann@example.org", "o'neil+tag@xn--bcher-kva.de"):
         assert fast(email) == subscriptions.suppression_hash(email, key)
 
 
 def test_utf8_is_checked_up_front_with_the_offset_in_the_file() -> None:
     with pytest.raises(InvalidInput, match=r"^in\.csv: not UTF-8 \(byte 9\)$"):
-        subscriptions.read_text_stream(b"\xef\xbb\xbfemail\n\xff@x.org\n", "in.csv")
+        import_rows.read_text_stream(b"\xef\xbb\xbfemail\n\xff@x.org\n", "in.csv")
     # Checked a slice at a time: a character split by a slice edge is fine, a bad byte far
     # into the file is found where it is.
     big = b"email,name\n" + "z@example.org,Zoë\n".encode() * 120_000
-    assert sum(1 for _ in subscriptions.read_text_stream(big, "in.csv")) == 120_001
+    assert sum(1 for _ in import_rows.read_text_stream(big, "in.csv")) == 120_001
     with pytest.raises(InvalidInput, match=rf"byte {len(big)}\)"):
-        subscriptions.read_text_stream(big + b"\xc3(", "in.csv")
+        import_rows.read_text_stream(big + b"\xc3(", "in.csv")
 
 
 def test_utf8_check_completes_characters_cut_by_a_slice_edge() -> None:
     data = "Zoë,東京,😀\n".encode()
     for size in (1, 2, 3, 5):
         pieces = [data[i : i + size] for i in range(0, len(data), size)]
-        subscriptions._check_utf8(pieces, "in.csv")  # no error
+        import_rows._check_utf8(pieces, "in.csv")  # no error
         with pytest.raises(InvalidInput, match=rf"byte {len(data)}\)"):
-            subscriptions._check_utf8([*pieces, b"\xe6\x9d"], "in.csv")  # ends mid-character
+            import_rows._check_utf8([*pieces, b"\xe6\x9d"], "in.csv")  # ends mid-character
 
 
 def test_a_file_is_opened_for_import_after_its_check(tmp_path: Path) -> None:
     good = tmp_path / "good.csv"
     good.write_bytes("\ufeffemail,name\na@example.org,Zoë\n".encode())
-    with subscriptions.open_text_file(good, "good.csv") as stream:
-        assert list(subscriptions.parse_csv(stream, "good.csv").chunks()) == [
+    with import_rows.open_text_file(good, "good.csv") as stream:
+        assert list(import_rows.parse_csv(stream, "good.csv").chunks()) == [
             [(2, "a@example.org", "Zoë", None)]
         ]
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"email\n\xff@x.org\n")
     with pytest.raises(InvalidInput, match=r"^bad\.csv: not UTF-8 \(byte 6\)$"):
-        subscriptions.open_text_file(bad, "bad.csv")
+        import_rows.open_text_file(bad, "bad.csv")
     with pytest.raises(InvalidInput, match=r"^gone\.csv: No such file"):
-        subscriptions.open_text_file(tmp_path / "gone.csv", "gone.csv")
+        import_rows.open_text_file(tmp_path / "gone.csv", "gone.csv")
 
 
 def test_the_text_stream_drops_the_bom_and_keeps_line_breaks_in_quotes() -> None:
-    stream = subscriptions.read_text_stream(
+    stream = import_rows.read_text_stream(
         '\ufeffemail,name\r\na@example.org,"x\r\ny"\r\n'.encode(), "in.csv"
     )
     assert stream.read() == 'email,name\r\na@example.org,"x\r\ny"\r\n'
@@ -199,9 +199,9 @@ def test_the_text_stream_drops_the_bom_and_keeps_line_breaks_in_quotes() -> None
 def read_copy(data: str, helpers: int, block_chars: int = 64) -> tuple[list, list, int]:
     """What an import hands to COPY: the rows without their tokens, which must increase
     through the file; the rejected rows, in file order; the number of good rows."""
-    rows = subscriptions.parse_csv(io.StringIO(data, newline=""), "in.csv")
-    texts = subscriptions._copy_texts(
-        rows, subscriptions._ImportTokens(), "key", helpers, block_chars=block_chars
+    rows = import_rows.parse_csv(io.StringIO(data, newline=""), "in.csv")
+    texts = import_rows._copy_texts(
+        rows, import_rows._ImportTokens(), "key", helpers, block_chars=block_chars
     )
     fields = [row for text in texts for row in copy_fields(text)]
     tokens = [row.pop(4) for row in fields]
@@ -260,6 +260,6 @@ def test_helpers_report_a_broken_file_as_one_reader_does(data: str, error: str) 
 
 
 def test_only_a_big_file_is_read_with_helpers() -> None:
-    assert subscriptions.import_helpers(100_000) == 0
+    assert import_rows.import_helpers(100_000) == 0
     cores = len(os.sched_getaffinity(0))
-    assert subscriptions.import_helpers(64 << 20) == (cores if cores > 1 else 0)
+    assert import_rows.import_helpers(64 << 20) == (cores if cores > 1 else 0)
