@@ -18,9 +18,10 @@ What one run does:
  3. composes a 10-article issue with the product's own compose_issue;
  4. times the freeze exactly as `newsletter issues send ID` does it: one transaction with
     issues.begin_send (render missing variants, flip to sending, INSERT ... SELECT into
-    deliveries, cut batches) and delivery_counts, COMMIT; then enqueues one task per batch on
-    the scratch Redis and mark_enqueued (the rest of `issues send` with a broker). Every SQL
-    statement of the freeze transaction is timed (SQLAlchemy cursor events);
+    deliveries, cut batches) and delivery_counts, COMMIT; then Dispatcher.enqueue notes the
+    batches and enqueues one task per batch on the scratch Redis (the rest of `issues send`
+    with a broker). Every SQL statement of the freeze transaction is timed (SQLAlchemy cursor
+    events);
  5. checks the ledger: exactly the frozen audience, batches that cover every queued row once;
  6. views: marks a realistic mix of the deliveries sent / failed / retrying, with two
     batches in flight (claimed through claim_batch), then times `issue_status`
@@ -309,15 +310,15 @@ def server_activity(rt: Any) -> tuple[int, int]:
 
 
 def enqueue(rt: Any, batch_ids: list[int]) -> float:
-    """What `issues send` does after the commit with a broker: one task per batch, then
-    mark_enqueued. Nobody consumes the tasks (the Redis db is flushed afterwards)."""
-    from newsletter.ledger.freeze import mark_enqueued
-    from worker.tasks import enqueue_batches
+    """What `issues send` does after the commit with a broker (Dispatcher.enqueue): note the
+    batches as enqueued, then one task per batch. Nobody consumes the tasks (the Redis db is
+    flushed afterwards)."""
+    from newsletter.dispatch import Dispatcher
 
+    dispatcher = Dispatcher(rt)
+    assert dispatcher.celery is not None  # built before the clock starts, as the import did
     started = time.perf_counter()
-    enqueue_batches(batch_ids)
-    with rt.sessions() as s, s.begin():
-        mark_enqueued(s, batch_ids)
+    dispatcher.enqueue(batch_ids)
     return time.perf_counter() - started
 
 

@@ -71,7 +71,7 @@ from sqlalchemy import create_engine, text  # noqa: E402
 
 REDIS_URL = os.environ.get("NEWSLETTER_BENCH_MEM_REDIS_URL", "redis://127.0.0.1:6379/12")
 TARGET_MB = 150
-QUEUE = "newsletter"  # worker.celery_app.SEND_QUEUE
+QUEUE = "newsletter"  # newsletter.dispatch.SEND_QUEUE
 # Growth over the second half of the worker's run above this counts as "still growing".
 GROWING_MB_PER_MIN = 1.0
 

@@ -7,8 +7,9 @@ import json
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -21,10 +22,9 @@ from newsletter import import_rows, imports, subscriptions
 from newsletter.articles import ArticleParseError, parse_source
 from newsletter.config import ConfigError, get_settings
 from newsletter.db import upgrade
+from newsletter.dispatch import Dispatcher
 from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.ledger.control import cancel_issue, pause_issue, resume_issue
-from newsletter.ledger.freeze import mark_enqueued
-from newsletter.ledger.sender import run_in_process
 from newsletter.ledger.status import delivery_counts, issue_status
 from newsletter.message import HeaderValueError
 from newsletter.models import Article, Issue, MailingList, SubscriptionStatus
@@ -56,14 +56,16 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 ListOpt = Annotated[str, typer.Option("--list", help="The list's slug.")]
 
 
-_runtime: Runtime | None = None
-
-
+@cache
 def rt() -> Runtime:
-    global _runtime
-    if _runtime is None:
-        _runtime = Runtime(get_settings())
-    return _runtime
+    """What every command uses (engine, sessions, transport, links, keys, policies), built
+    from the settings once, each piece on first use."""
+    return Runtime(get_settings())
+
+
+@cache
+def dispatcher() -> Dispatcher:
+    return Dispatcher(rt())
 
 
 @contextmanager
@@ -466,14 +468,7 @@ def issues_send(
         )
         total = delivery_counts(s, issue_id)["queued"]
     typer.echo(f"issue {issue_id}: {total} recipient(s) in {len(batch_ids)} batch(es)", err=True)
-    if not r.settings.broker_url:
-        _run_here(issue_id, batch_ids, total)
-    else:
-        from worker.tasks import enqueue_batches
-
-        enqueue_batches(batch_ids)
-        with transaction() as s:
-            mark_enqueued(s, batch_ids)
+    if _deliver(issue_id, batch_ids, total) == "workers":
         if not wait:
             typer.echo(f"queued; follow with: newsletter issues status {issue_id}")
             return
@@ -495,30 +490,21 @@ def _send_test(issue_id: int, address: str) -> None:
     typer.echo(f"test copy of issue {issue_id} sent to {copy.recipient} ({res.describe()})")
 
 
-def _run_here(issue_id: int, batch_ids: list[int], total: int) -> None:
-    """Deliver in this process, with a progress bar on a terminal and silence when piped."""
-    from contextlib import nullcontext
+def _deliver(issue_id: int, batch_ids: list[int], total: int) -> str:
+    """Hand the batches to the workers, or deliver them in this process with a progress bar
+    on a terminal and silence when piped. Returns who delivers them (see Dispatcher)."""
+    d = dispatcher()
+    progress = None
+    if not d.uses_broker and interactive() and total:
+        from rich.progress import Progress
 
-    from rich.progress import Progress
-
-    r = rt()
-    progress = Progress(transient=True) if interactive() and total else None
+        progress = Progress(transient=True)
     with progress if progress is not None else nullcontext():
         on_batch = None
         if progress is not None:
             task = progress.add_task(f"sending issue {issue_id}", total=total)
             on_batch = lambda rep: progress.advance(task, rep.sent + rep.failed)  # noqa: E731
-        run_in_process(
-            r.sessions,
-            issue_id,
-            batch_ids,
-            r.transport,
-            r.links,
-            r.policy,
-            throttle=r.throttle(),
-            cache=r.issue_cache(),
-            on_batch=on_batch,
-        )
+        return d.deliver(issue_id, batch_ids, on_batch=on_batch)
 
 
 def _follow(issue_id: int, total: int) -> None:
@@ -593,21 +579,13 @@ def issues_pause(issue_id: int) -> None:
 @issues_app.command("resume")
 def issues_resume(issue_id: int) -> None:
     """Continue a paused issue, or re-enqueue the lost work of a sending one."""
-    r = rt()
     with transaction() as s:
-        r.refuse_unsafe_send(s, issue_id)  # the production gate
+        rt().refuse_unsafe_send(s, issue_id)  # the production gate
         batch_ids = resume_issue(s, issue_id)
-        if r.settings.broker_url:
-            mark_enqueued(s, batch_ids)
-    if r.settings.broker_url:
-        from worker.tasks import enqueue_batches
-
-        enqueue_batches(batch_ids)
+        total = delivery_counts(s, issue_id)["queued"]
+    if _deliver(issue_id, batch_ids, total) == "workers":
         typer.echo(f"issue {issue_id} resumed: {len(batch_ids)} batch(es) queued")
         return
-    with transaction() as s:
-        total = delivery_counts(s, issue_id)["queued"]
-    _run_here(issue_id, batch_ids, total)
     _final(issue_id)
 
 
@@ -624,17 +602,16 @@ def issues_check(issue_id: int, as_json: JsonOpt = False) -> None:
     """Build the issue for a sample reader and report every problem; exits 1 if any error.
     In production (ENV=prod...) no DKIM, http or localhost links and the placeholder postal
     address are errors, and a send refuses to start while any error stands."""
-    from newsletter import checks, dkim
+    from newsletter import checks
 
     r = rt()
     st = r.settings
-    signer = dkim.signer_from_settings(st.dkim_domain, st.dkim_selector, st.dkim_key_file)
     with transaction() as s:
         report = checks.check_issue(
             s,
             issue_id,
             r.links,
-            signer=signer,
+            signer=r.dkim_signer,
             postal_address=st.postal_address,
             in_production=st.production,
         )
@@ -760,12 +737,11 @@ def serve(
 )
 def worker(ctx: typer.Context) -> None:
     """Start a Celery worker (extra options go to `celery worker`)."""
-    settings = get_settings()
-    if not settings.broker_url:
+    if not get_settings().broker_url:
         raise InvalidInput("NEWSLETTER_BROKER_URL is not set: without it, sends run in-process")
-    from worker.celery_app import app as celery_app
+    from worker.celery_app import get_app
 
-    celery_app.worker_main(["worker", *ctx.args])
+    get_app().worker_main(["worker", *ctx.args])
 
 
 def main() -> None:

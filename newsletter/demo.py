@@ -17,8 +17,8 @@ from sqlalchemy import func, select
 from newsletter import imports, issues, subscriptions
 from newsletter.articles import SAMPLE_ARTICLES_DIR, parse_source
 from newsletter.db import upgrade
+from newsletter.dispatch import Dispatcher
 from newsletter.errors import Conflict
-from newsletter.ledger.sender import run_in_process
 from newsletter.ledger.status import issue_status
 from newsletter.models import Delivery, DeliveryStatus
 from newsletter.runtime import Runtime
@@ -119,9 +119,8 @@ def run_demo(rt: Runtime, *, echo: Callable[[str], None] = print) -> dict[str, o
             base_url=rt.settings.base_url,
             postal_address=rt.settings.postal_address,
         )
-    run_in_process(
-        rt.sessions, issue_id, batch_ids, rt.transport, rt.links, rt.policy, cache=rt.issue_cache()
-    )
+    # In this process whatever BROKER_URL says: the demo shows its result when it returns.
+    Dispatcher(rt).run_here(issue_id, batch_ids)
     preview_dir = Path("preview")
     with rt.sessions() as s, s.begin():
         paths = issues.write_preview(s, issue_id, rt.links, preview_dir, dkim=rt.dkim_signer)

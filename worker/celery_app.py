@@ -1,47 +1,38 @@
-"""The Celery app, built from settings. Start it with `newsletter worker`."""
+"""The worker process's wiring: its Runtime and its one Celery app, both made on first use
+from settings. Start it with `newsletter worker` (or `celery -A worker.celery_app:app`)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from celery import Celery
 
-from newsletter.config import Settings, get_settings
-
-SEND_QUEUE = "newsletter"
-
-
-def make_celery(settings: Settings) -> Celery:
-    app = Celery(
-        "newsletter",
-        broker=settings.broker_url or "redis://127.0.0.1:6379/0",
-        include=["worker.tasks"],
-    )
-    app.conf.update(
-        task_serializer="json",
-        accept_content=["json"],
-        result_serializer="json",
-        task_ignore_result=True,
-        # A task is acknowledged only when it has finished; if its worker dies, the broker
-        # hands it to another worker. The ledger makes the second run harmless.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue=SEND_QUEUE,
-        # Redis redelivers an unacknowledged task after this many seconds. It must exceed
-        # every delay a task waits in a worker before it runs: the longest retry delay and
-        # one lease (checked in Settings). A batch that runs longer than this is handed out
-        # again, and the copy claims nothing: the rows are leased in the database.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
-        broker_connection_retry_on_startup=True,
-        # When Redis goes away, a batch in flight carries on: its rows are leased in the
-        # database, not in the broker. Cancelling it would only cut a message in half.
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-        worker_hijack_root_logger=False,
-        beat_schedule={
-            "reconcile-every-minute": {"task": "newsletter.reconcile", "schedule": 60.0},
-        },
-        timezone="UTC",
-    )
-    return app
+from newsletter.config import get_settings
+from newsletter.dispatch import Dispatcher, make_celery
+from newsletter.runtime import Runtime
 
 
-app = make_celery(get_settings())
+@lru_cache(maxsize=1)
+def runtime() -> Runtime:
+    """Settings read once; the engine, sessions and transport inside are built on first use,
+    in each worker process after the prefork, never at import."""
+    return Runtime(get_settings())
+
+
+@lru_cache(maxsize=1)
+def get_app() -> Celery:
+    return make_celery(runtime().settings, include=["worker.tasks"])
+
+
+@lru_cache(maxsize=1)
+def dispatcher() -> Dispatcher:
+    """Hands follow-ups and reconciled batches to the workers, through this process's app."""
+    return Dispatcher(runtime(), celery=get_app())
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A worker.celery_app:app` and `worker.celery_app.app` find the app on first use.
+    if name == "app":
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

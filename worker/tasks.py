@@ -7,36 +7,23 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from celery import Task
-from kombu.exceptions import ChannelError
 
-from newsletter.config import get_settings
-from newsletter.ledger import control, freeze, sender
+from newsletter.dispatch import RECONCILE, SEND_BATCH, SEND_CONFIRMATION
+from newsletter.ledger import control, sender
 from newsletter.ledger.batches import TRANSIENT_DB_ERRORS
 from newsletter.ledger.cache import IssueCache
 from newsletter.ledger.policy import backoff
 from newsletter.ratelimit import Throttle
-from newsletter.runtime import Runtime
-from worker.celery_app import SEND_QUEUE, app
+from worker.celery_app import dispatcher, get_app, runtime
 
 log = logging.getLogger(__name__)
 
-
-@lru_cache(maxsize=1)
-def runtime() -> Runtime:
-    """Built lazily in each worker process (after the prefork), never at import."""
-    return Runtime(get_settings())
+app = get_app()
 
 
 @lru_cache(maxsize=1)
 def issue_cache() -> IssueCache:
     return runtime().issue_cache()
-
-
-def enqueue_batches(batch_ids: list[int]) -> None:
-    """Hand batches to the workers. Call only after the transaction that created them has
-    committed: the broker message is a hint, the database row is the truth."""
-    for batch_id in batch_ids:
-        send_batch.apply_async((batch_id,), queue=SEND_QUEUE)
 
 
 # The database went away (restart, failover, killed connections): the ledger still holds every
@@ -45,7 +32,7 @@ def enqueue_batches(batch_ids: list[int]) -> None:
 DB_RETRIES = 12
 
 
-@app.task(name="newsletter.send_batch", bind=True, max_retries=DB_RETRIES)
+@app.task(name=SEND_BATCH, bind=True, max_retries=DB_RETRIES)
 def send_batch(self: Task, batch_id: int) -> dict[str, int]:
     rt = runtime()
     try:
@@ -78,12 +65,7 @@ def follow_up(batch_id: int, at: datetime) -> None:
     timeout: a retry is at most RETRY_MAX_SECONDS away and a lease LEASE_SECONDS (Settings
     refuses anything else)."""
     eta = (at if at.tzinfo else at.replace(tzinfo=UTC)) + timedelta(seconds=1)
-    send_batch.apply_async((batch_id,), eta=eta, queue=SEND_QUEUE)
-    try:
-        with runtime().sessions() as session, session.begin():
-            freeze.mark_enqueued(session, [batch_id], at=eta)
-    except TRANSIENT_DB_ERRORS as exc:  # only a hint for the reconciler
-        log.warning("batch %d: could not note its follow-up (%s)", batch_id, exc)
+    dispatcher().enqueue([batch_id], at=eta)
 
 
 @lru_cache(maxsize=1)
@@ -91,22 +73,10 @@ def _throttle() -> Throttle | None:
     return runtime().throttle()
 
 
-def broker_backlog() -> int:
-    """Messages waiting in the send queue (not counting those a worker holds)."""
-    with app.connection_for_read() as conn:
-        try:
-            declared = conn.default_channel.queue_declare(queue=SEND_QUEUE, passive=True)
-        except ChannelError:
-            # Redis deletes a list once it is empty, and kombu then reports "no queue": an
-            # empty queue (after a Redis restart, too), the one case the reconciler acts on.
-            return 0
-        return int(declared.message_count)
-
-
-@app.task(name="newsletter.reconcile")
+@app.task(name=RECONCILE)
 def reconcile() -> int:
     rt = runtime()
-    backlog = broker_backlog()
+    backlog = dispatcher().backlog()
     with rt.sessions() as session:
         batch_ids = control.reconcile(
             session,
@@ -114,28 +84,24 @@ def reconcile() -> int:
             requeue_after=timedelta(seconds=rt.settings.lease_seconds),
             broker_idle=backlog == 0,
         )
-        freeze.mark_enqueued(session, batch_ids)
         session.commit()
-    enqueue_batches(batch_ids)
+    dispatcher().enqueue(batch_ids)
     if batch_ids:
         log.warning("reconciler re-enqueued %d batch(es) whose task was lost", len(batch_ids))
     return len(batch_ids)
 
 
-# Confirmation emails (double opt-in): the web app enqueues `newsletter.send_confirmation` by
-# name after the subscription is committed. A temporary SMTP failure is retried with backoff.
+# Confirmation emails (double opt-in): the dispatcher enqueues SEND_CONFIRMATION by name after
+# the subscription is committed. A temporary SMTP failure is retried with backoff.
 CONFIRMATION_RETRIES = 8
 
 
-@app.task(name="newsletter.send_confirmation", bind=True, max_retries=CONFIRMATION_RETRIES)
+@app.task(name=SEND_CONFIRMATION, bind=True, max_retries=CONFIRMATION_RETRIES)
 def send_confirmation(self: Task, subscription_id: int) -> str:
-    from newsletter import optin
     from newsletter.transport import Outcome
 
     rt = runtime()
-    result = optin.send_confirmation(
-        rt.sessions, rt.transport, rt.templates, rt.links, subscription_id, dkim=rt.dkim_signer
-    )
+    result = dispatcher().confirmation_here(subscription_id)
     if result is None:
         return "nothing to send"
     if result.outcome is Outcome.TEMPORARY and self.request.retries < CONFIRMATION_RETRIES:

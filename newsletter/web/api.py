@@ -174,12 +174,7 @@ def add_subscriber(
         sub_id = sub.id
         pending = sub.status == SubscriptionStatus.PENDING
     if body.send_confirmation and pending:
-        rt = ctx.runtime
-        from newsletter import optin
-
-        sent = optin.send_confirmation(
-            rt.sessions, rt.transport, rt.templates, rt.links, sub_id, dkim=rt.dkim_signer
-        )
+        sent = ctx.dispatcher.confirmation_here(sub_id)
         result["confirmation_sent"] = sent is not None and sent.outcome is Outcome.SENT
     return result
 
@@ -391,7 +386,11 @@ def send(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[str,
             postal_address=rt.settings.postal_address,
         )
         total = delivery_counts(s, issue_id)["queued"]
-    mode = ctx.dispatcher.batches(issue_id, batch_ids) if batch_ids else "nothing to send"
+    mode = (
+        ctx.dispatcher.deliver(issue_id, batch_ids, in_background=True)
+        if batch_ids
+        else "nothing to send"
+    )
     return {"id": issue_id, "recipients": total, "batches": len(batch_ids), "delivery": mode}
 
 
@@ -411,7 +410,7 @@ def resume(issue_id: IssueId, ctx: WebContext = Depends(web_context)) -> dict[st
         ctx.runtime.refuse_unsafe_send(s, issue_id)  # production: 409 with the problems
         batch_ids = resume_issue(s, issue_id)
     if batch_ids:
-        ctx.dispatcher.batches(issue_id, batch_ids)
+        ctx.dispatcher.deliver(issue_id, batch_ids, in_background=True)
     with ctx.transaction() as s:
         return {**issue_status(s, issue_id), "batches": len(batch_ids)}
 

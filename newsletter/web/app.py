@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from newsletter.articles import ArticleParseError
+from newsletter.dispatch import Dispatcher
 from newsletter.errors import Conflict, InvalidInput, NewsletterError, NotFound
 from newsletter.message import HeaderValueError
 from newsletter.runtime import Runtime
@@ -21,7 +22,6 @@ from newsletter.tokens import TokenError
 from newsletter.web import api, ids, pages
 from newsletter.web.api import UpstreamError
 from newsletter.web.context import SampleLinkOpened, WebContext, page_environment, sentence
-from newsletter.web.dispatch import Dispatcher
 from newsletter.web.limits import Limiter, SubscribeLimits, make_limiter
 from newsletter.web.redact import RedactLinkTokens, redact_tokens
 

@@ -15,10 +15,10 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from newsletter.addresses import address_key
+from newsletter.dispatch import Dispatcher
 from newsletter.runtime import Runtime
 from newsletter.samples import is_sample_token
 from newsletter.tokens import Purpose
-from newsletter.web.dispatch import Dispatcher
 from newsletter.web.limits import Limiter, SubscribeLimits
 
 # Every public page: no scripts at all, nothing from elsewhere, no Referer carrying a link

@@ -187,7 +187,8 @@ def _subscribe(
     if ctx.limiter.hit(
         f"confirm:{slug}:{who}", limits.per_address, limits.address_window
     ) and ctx.limiter.hit(f"confirm:*:{who}", limits.per_address_all_lists, limits.address_window):
-        ctx.dispatcher.confirmation(subscription_id, background)
+        # After the response has gone out: to a worker, or sent here.
+        background.add_task(ctx.dispatcher.confirmation, subscription_id)
     return done
 
 
