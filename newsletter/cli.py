@@ -24,10 +24,11 @@ from newsletter.config import ConfigError, get_settings
 from newsletter.db import upgrade
 from newsletter.dispatch import Dispatcher
 from newsletter.errors import InvalidInput, NewsletterError
+from newsletter.issue_list import list_issues
 from newsletter.ledger.control import cancel_issue, pause_issue, resume_issue
 from newsletter.ledger.status import delivery_counts, issue_status
 from newsletter.message import HeaderValueError
-from newsletter.models import Article, Issue, MailingList, SubscriptionStatus
+from newsletter.models import Article, SubscriptionStatus
 from newsletter.runtime import Runtime
 from newsletter.transport import erase_from_outbox
 
@@ -363,23 +364,7 @@ def issues_list(
 ) -> None:
     """List issues, newest first."""
     with transaction() as s:
-        query = (
-            select(Issue, MailingList.slug)
-            .join(MailingList, MailingList.id == Issue.list_id)
-            .order_by(Issue.id.desc())
-        )
-        if list_slug:
-            query = query.where(Issue.list_id == subscriptions.get_list(s, list_slug).id)
-        rows = [
-            {
-                "id": i.id,
-                "list": slug,
-                "subject": i.subject,
-                "status": i.status.value,
-                "created_at": i.created_at,
-            }
-            for i, slug in s.execute(query).all()
-        ]
+        rows = list_issues(s, list_slug)
     if as_json:
         out(rows)
         return
@@ -696,24 +681,11 @@ def bounces_ingest(
                 s, raw, signer=r.links.signer, message_ids=r.message_ids, verp=verp, policy=policy
             )
         for a in applied:
-            results.append({"file": str(file), **_applied_dict(a)})
+            results.append({"file": str(file), **a.as_dict()})
             if not as_json:
                 typer.echo(f"{file}: {a.describe()}")
     if as_json:
         out(results)
-
-
-def _applied_dict(a: Any) -> dict[str, Any]:
-    return {
-        "type": a.event.type.value,
-        "source": a.event.source,
-        "status": a.event.status,
-        "outcome": a.outcome.value,
-        "subscriber_id": a.subscriber_id,
-        "delivery_id": a.delivery_id,
-        "issue_id": a.issue_id,
-        "paused_issue": a.paused_issue,
-    }
 
 
 # --- processes ---

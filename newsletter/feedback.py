@@ -32,6 +32,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.exc import IntegrityError
@@ -73,6 +74,21 @@ class AppliedEvent:
     delivery_id: int | None = None
     paused_issue: bool = False
     changed: list[int] = field(default_factory=list)  # subscription ids whose status changed
+
+    def as_dict(self) -> dict[str, Any]:
+        """The one JSON shape of an applied event: the bounce webhook's answer and each row of
+        `newsletter bounces ingest --json` (docs/web.md)."""
+        return {
+            "type": self.event.type.value,
+            "source": self.event.source,
+            "status": self.event.status,
+            "outcome": self.outcome.value,
+            "subscriber": self.subscriber_id,
+            "delivery": self.delivery_id,
+            "issue": self.issue_id,
+            "paused_issue": self.paused_issue,
+            "summary": self.describe(),
+        }
 
     def describe(self) -> str:
         if self.outcome is EventOutcome.UNVERIFIED:

@@ -18,15 +18,14 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
-from sqlalchemy import select
 
-from newsletter import feedback, import_rows, imports, issues, subscriptions
+from newsletter import feedback, import_rows, imports, issue_list, issues, subscriptions
 from newsletter.addresses import normalize_email
 from newsletter.articles import parse_json
 from newsletter.errors import InvalidInput, NewsletterError
 from newsletter.ledger.control import cancel_issue, pause_issue, resume_issue
 from newsletter.ledger.status import delivery_counts, issue_status
-from newsletter.models import Issue, MailingList, Subscriber, SubscriptionStatus
+from newsletter.models import MailingList, Subscriber, SubscriptionStatus
 from newsletter.transport import Outcome, erase_from_outbox, session_of
 from newsletter.web import uploads
 from newsletter.web.context import WebContext, web_context
@@ -295,23 +294,7 @@ def list_issues(
 ) -> list[dict[str, Any]]:
     """Issues, newest first (of one list with `?list=SLUG`)."""
     with ctx.transaction() as s:
-        query = (
-            select(Issue, MailingList.slug)
-            .join(MailingList, MailingList.id == Issue.list_id)
-            .order_by(Issue.id.desc())
-        )
-        if list_slug:
-            query = query.where(Issue.list_id == subscriptions.get_list(s, list_slug).id)
-        return [
-            {
-                "id": issue.id,
-                "list": slug,
-                "subject": issue.subject,
-                "status": issue.status.value,
-                "created_at": issue.created_at.isoformat() if issue.created_at else None,
-            }
-            for issue, slug in s.execute(query).all()
-        ]
+        return issue_list.list_issues(s, list_slug)
 
 
 @router.post("/issues", status_code=201, tags=["issues"])
@@ -464,17 +447,4 @@ def _ingest_bounce(ctx: WebContext, raw: bytes) -> dict[str, Any]:
             source="webhook",
             trusted=True,  # the operator's bearer token: it may name readers by address
         )
-        return {
-            "events": [
-                {
-                    "type": a.event.type.value,
-                    "outcome": a.outcome.value,
-                    "subscriber": a.subscriber_id,
-                    "delivery": a.delivery_id,
-                    "issue": a.issue_id,
-                    "paused_issue": a.paused_issue,
-                    "summary": a.describe(),
-                }
-                for a in applied
-            ]
-        }
+        return {"events": [a.as_dict() for a in applied]}

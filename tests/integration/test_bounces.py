@@ -38,6 +38,11 @@ SAMPLES = Path(__file__).resolve().parents[1] / "data" / "bounces"
 BOUNCE_DOMAIN = "bounces.example.org"
 SAMPLE_NONCE = "a1b2c3d4e5f6"
 SAMPLE_VERP = Verp(BOUNCE_DOMAIN, [KEY])
+# One applied event as the webhook answers it and `bounces ingest --json` prints it.
+EVENT_FIELDS = (
+    "type", "source", "status", "outcome", "subscriber", "delivery", "issue", "paused_issue",
+    "summary",
+)  # fmt: skip
 
 # sample: (its delivery id, its recipient, the reader's status afterwards, soft bounce count)
 SHAPES: dict[str, tuple[int, str | None, SubscriptionStatus, int]] = {
@@ -350,6 +355,9 @@ def test_cli_ingests_files_and_issue_status_shows_the_figures(
     env = cli_env(database_url=db_url, bounce_domain=BOUNCE_DOMAIN)
     result = run_cli("bounces", "ingest", *files, "--json", env=env)
     rows = json.loads(result.stdout)
+    # The webhook's shape (docs/web.md), with the file each event came from.
+    assert all(set(r) == {"file", *EVENT_FIELDS} for r in rows)
+    assert rows[0]["subscriber"] is not None and rows[0]["delivery"] is not None
     assert [(r["type"], r["outcome"]) for r in rows] == [
         ("hard_bounce", "suppressed"),
         ("soft_bounce", "counted"),

@@ -14,6 +14,10 @@ from tests.web.conftest import ADMIN_TOKEN
 from tests.web.helpers import Served, make_list, send_next_issue, subscription_of, wait_for
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+EVENT_FIELDS = (
+    "type", "source", "status", "outcome", "subscriber", "delivery", "issue", "paused_issue",
+    "summary",
+)  # fmt: skip
 
 
 def post(web: Served, raw: bytes, **headers: str) -> httpx.Response:
@@ -47,6 +51,7 @@ def test_a_mail_to_the_list_unsubscribe_address_unsubscribes_once(
     assert first.status_code == 200
     [event] = first.json()["events"]
     assert event["type"] == "unsubscribe"
+    assert set(event) == set(EVENT_FIELDS)  # bounces ingest --json prints the same objects
     assert subscription_of(rt, "ann@example.org").status == SubscriptionStatus.UNSUBSCRIBED
 
     again = post(web, raw).json()["events"]
