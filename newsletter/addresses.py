@@ -104,3 +104,11 @@ def address_key(email: str) -> str:
     reader typed stays for display and for the envelope.
     """
     return email.strip().lower()
+
+
+def mask_address(text: str, address: str, marker: str = "[address]") -> str:
+    """`text` (a server's reply, an error) with `address`, in any case, and then its local
+    part alone replaced by `marker`: what goes to a log must not carry a reader's address."""
+    text = re.sub(re.escape(address), marker, text, flags=re.IGNORECASE)
+    local = address.rpartition("@")[0]
+    return re.sub(re.escape(local), marker, text, flags=re.IGNORECASE) if local else text

@@ -10,13 +10,13 @@ The outbox is swept by newsletter.transport.erase_from_outbox.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Collection
 from typing import Any
 
 from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from newsletter.addresses import mask_address
 from newsletter.models import BounceEvent, Delivery, Event, Issue
 
 MARKER = "[erased]"
@@ -26,11 +26,7 @@ def redact(text: str, address: str) -> str:
     """`text` with the address, in any case, and then its local part alone, replaced by the
     marker. The local part is what a server's reply often quotes on its own ("user vic.tim
     unknown")."""
-    text = re.sub(re.escape(address), MARKER, text, flags=re.IGNORECASE)
-    local = address.rpartition("@")[0]
-    if local:
-        text = re.sub(re.escape(local), MARKER, text, flags=re.IGNORECASE)
-    return text
+    return mask_address(text, address, MARKER)
 
 
 # (table, its key column, the text columns to sweep)

@@ -16,7 +16,7 @@ from email.utils import make_msgid
 import jinja2
 from sqlalchemy.orm import Session, sessionmaker
 
-from newsletter.addresses import domain_of, parse_from_address
+from newsletter.addresses import domain_of, mask_address, parse_from_address
 from newsletter.compose import render_confirmation
 from newsletter.dkim import DkimSigner
 from newsletter.message import check_header_value, format_date
@@ -111,8 +111,11 @@ def send_confirmation(
     with session_of(transport) as conn:
         result = conn.send(mail.sender, mail.recipient, data)
     if result.outcome is not Outcome.SENT:
-        # The address is personal data: log the subscription id, not the address.
+        # The address is personal data: log the subscription id, not the address, and not
+        # the server's reply as it came (replies usually quote the address or its local part).
         log.warning(
-            "confirmation for subscription %d not sent: %s", subscription_id, result.describe()
+            "confirmation for subscription %d not sent: %s",
+            subscription_id,
+            mask_address(result.describe(), mail.recipient),
         )
     return result

@@ -47,3 +47,19 @@ def test_empty_secret_or_purpose_is_refused(secret: str, purpose: str) -> None:
 )
 def test_address_key_folds_case_of_the_whole_address(stored: str, key: str) -> None:
     assert address_key(stored) == key
+
+
+@pytest.mark.parametrize(
+    ("text", "masked"),
+    [
+        ("550 <Vic.Tim@example.org>: rejected", "550 <[address]>: rejected"),
+        ("550 user vic.tim unknown", "550 user [address] unknown"),
+        ("550 VIC.TIM@EXAMPLE.ORG and vic.tim", "550 [address] and [address]"),
+        ("550 nobody here", "550 nobody here"),
+    ],
+)
+def test_mask_address_hides_the_address_and_its_local_part(text: str, masked: str) -> None:
+    from newsletter.addresses import mask_address
+
+    assert mask_address(text, "vic.tim@example.org") == masked
+    assert mask_address("a+b@x.org", "a+b@x.org", "*") == "*"  # no regex meaning in the address
